@@ -1,0 +1,195 @@
+"""Group machinery shared by :class:`expertopt.Muon` and :class:`expertopt.AdamW`.
+
+What lives here, once:
+
+- per-group validation with errors that name the parameter and the fix;
+- eager optimizer state, so every rank holds the same keys even for experts that received no
+  gradient (F11), also after loading a checkpoint that lacked some;
+- ``lr_mult``: per-group ratios kept as multipliers applied at step time, so a scheduler that
+  writes one scalar lr into every group (DeepSpeed ``WarmupLR``) cannot erase them (F2);
+- the non-finite guard: a step whose gradients hold inf/NaN touches neither parameters nor
+  state (F10), is counted and warned about.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["GroupedOptimizer", "all_finite", "effective_lr", "group_label", "param_label"]
+
+# Group keys that describe routing, never hyperparameters a scheduler should touch.
+ROUTING_KEYS = ("name", "expert", "link", "use_muon")
+
+
+def _scalar(value: float | Tensor) -> float:
+    return value.item() if isinstance(value, Tensor) else float(value)
+
+
+def effective_lr(group: dict[str, Any]) -> float:
+    """The lr a group steps with: the (scheduled) ``lr`` times the group's ``lr_mult``."""
+    return _scalar(group["lr"]) * group.get("lr_mult", 1.0)
+
+
+def group_label(group: dict[str, Any], index: int) -> str:
+    name = group.get("name")
+    return f"param group {index}" + (f" ({name!r})" if name else "")
+
+
+def param_label(group: dict[str, Any], position: int, param: Tensor) -> str:
+    names = group.get("param_names")
+    shape = tuple(param.shape)
+    if names:
+        return f"parameter {names[position]!r} (shape {shape})"
+    return f"parameter #{position} (shape {shape})"
+
+
+def check_lr(lr: Any, where: str) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element" + f" ({where})")
+    if not _scalar(lr) >= 0.0:
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr} ({where})")
+
+
+def check_nonnegative(group: dict[str, Any], key: str, where: str) -> None:
+    if not group[key] >= 0.0:
+        raise ValueError(f"{key} should be >= 0 but is: {group[key]} ({where})")
+
+
+def check_betas(betas: Any, where: str) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r} ({where})")
+
+
+class GroupedOptimizer(Optimizer):
+    """Base class: validation, eager state, lr multipliers and the non-finite guard.
+
+    Subclasses implement :meth:`_complete_group` (validate a group), :meth:`_init_state` (create
+    state for one parameter) and :meth:`_step_group` (the update rule for one group).
+    """
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, skip_nonfinite: bool = True) -> None:
+        self.skip_nonfinite = skip_nonfinite
+        self.nonfinite_steps = 0
+        super().__init__(params, defaults)
+
+    # -- groups ------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        index = len(self.param_groups)
+        self._check_no_overlap(param_group, index)
+        self._fill_defaults(param_group)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._complete_group(group, group_label(group, index))
+        for position, param in enumerate(group["params"]):
+            self._init_state(group, param, position)
+
+    def _check_no_overlap(self, param_group: dict[str, Any], index: int) -> None:
+        """Name the parameter that is already in another group (torch's own error does not)."""
+        params = param_group["params"]
+        if isinstance(params, set):
+            return  # torch raises its TypeError about sets
+        items = [params] if isinstance(params, Tensor) else list(params)
+        param_group["params"] = items  # a generator can be read only once
+        named = [item for item in items if isinstance(item, tuple)]
+        names = [name for name, _ in named] or param_group.get("param_names")
+        tensors = [item[1] if isinstance(item, tuple) else item for item in items]
+        seen = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        for position, param in enumerate(tensors):
+            if id(param) in seen:
+                other = seen[id(param)]
+                label = param_label({"param_names": names}, position, param)
+                raise ValueError(
+                    f"{label} is in {group_label(param_group, index)} and in "
+                    f"{group_label(self.param_groups[other], other)}; each parameter must be in "
+                    "exactly one group: remove it from one of them"
+                )
+
+    def _fill_defaults(self, group: dict[str, Any]) -> None:
+        """Fill keys the group lacks (torch fills ``self.defaults`` too; subclasses add more)."""
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+
+    def _complete_group(self, group: dict[str, Any], where: str) -> None:
+        raise NotImplementedError
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, position: int) -> None:
+        raise NotImplementedError
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, then re-complete groups and fill state a checkpoint lacked (e.g. torch.optim.Muon's
+        lazily created state), so every parameter has the same keys afterwards."""
+        super().load_state_dict(state_dict)
+        for index, group in enumerate(self.param_groups):
+            self._fill_defaults(group)
+            self._complete_group(group, group_label(group, index))
+            for position, param in enumerate(group["params"]):
+                self._init_state(group, param, position)
+
+    # -- step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimization step; a no-op (counted) if any gradient is non-finite."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._skip_nonfinite(self.all_grads()):
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
+        for group in self.param_groups:
+            self._step_group(group)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def effective_lrs(self) -> list[float]:
+        """Each group's lr as it will be applied: ``lr * lr_mult``."""
+        return [effective_lr(g) for g in self.param_groups]
+
+    # -- step helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _grads_of(group: dict[str, Any], optimizer_name: str) -> tuple[list[Tensor], list[Tensor]]:
+        """Parameters that have a gradient, and their gradients; rejects complex and sparse."""
+        params, grads = [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if torch.is_complex(param):
+                raise RuntimeError(f"{optimizer_name} does not support complex parameters")
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{optimizer_name} does not support sparse gradients")
+            params.append(param)
+            grads.append(param.grad)
+        return params, grads
+
+    def all_grads(self) -> list[Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _skip_nonfinite(self, grads: list[Tensor]) -> bool:
+        """True (and counted, and warned) when any gradient holds inf or NaN.
+
+        One host sync per step: the price of never folding a bad gradient into momentum (F10).
+        """
+        if not self.skip_nonfinite or all_finite(grads):
+            return False
+        self.nonfinite_steps += 1
+        warnings.warn(
+            f"{type(self).__name__}: non-finite gradient, step skipped; parameters and optimizer state "
+            f"are unchanged ({self.nonfinite_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return True
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one host sync)."""
+    return not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all())

@@ -1,0 +1,21 @@
+"""Update rules (pure functions on local tensors), shared by every front end."""
+
+from expertopt.updates.adamw import adamw_step
+from expertopt.updates.muon import (
+    adjusted_lr,
+    apply_updates,
+    blend_momentum,
+    matrix_view,
+    muon_step,
+    orthogonalize_updates,
+)
+
+__all__ = [
+    "adamw_step",
+    "adjusted_lr",
+    "apply_updates",
+    "blend_momentum",
+    "matrix_view",
+    "muon_step",
+    "orthogonalize_updates",
+]

@@ -1,0 +1,181 @@
+"""Muon update rule, written once for every front end.
+
+The rule follows ``torch.optim.Muon`` (torch 2.13) exactly for 2-D matrices, and generalizes it
+the way Keller Jordan's and dion's Muon do: the last two dims of a tensor are the matrix and every
+leading dim is a batch of independent matrices (stacked experts ``[E, out, in]``). Each matrix is
+normalized and lr-scaled by its own shape (F8).
+
+Phases, each a pure function on lists of local tensors so the distributed step can run them on
+shards and call only :func:`orthogonalize_updates` on whole matrices:
+
+1. :func:`blend_momentum` - momentum buffer and (Nesterov) update direction, elementwise;
+2. :func:`matrix_view` + :func:`orthogonalize_updates` - one batched Newton-Schulz call per
+   (matrix shape, dtype, device) bucket;
+3. :func:`apply_updates` - decoupled weight decay and the shape-scaled step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from expertopt.kernels import orthogonalize, resolve_ns_method
+
+__all__ = [
+    "ADJUST_LR_FNS",
+    "adjusted_lr",
+    "apply_updates",
+    "blend_momentum",
+    "matrix_view",
+    "muon_step",
+    "orthogonalize_updates",
+]
+
+# None means "original", as in torch.optim.Muon.
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, matrix_shape: Sequence[int]) -> float:
+    """Scale ``lr`` by one matrix's shape ``[..., A, B]`` (rows A = fan-out, cols B = fan-in).
+
+    torch's ``_adjust_lr`` reads ``shape[:2]``; reading ``shape[-2:]`` gives the same answer on
+    2-D weights and the per-expert answer on ``[E, A, B]`` stacks (STYLE practice 3).
+    """
+    rows, cols = matrix_shape[-2], matrix_shape[-1]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is not supported; use one of {ADJUST_LR_FNS}")
+
+
+def blend_momentum(
+    grads: list[Tensor], momentum_buffers: list[Tensor], *, momentum: float, nesterov: bool
+) -> list[Tensor]:
+    """Update the momentum buffers in place and return the update directions.
+
+    Same arithmetic as torch.optim.Muon: ``B <- lerp(B, g, 1 - mu)`` and, with Nesterov,
+    ``U = lerp(g, B, mu)``; without it the buffer itself is the direction.
+    """
+    if not grads:
+        return []
+    torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
+    if nesterov:
+        return list(torch._foreach_lerp(grads, momentum_buffers, momentum))
+    return list(momentum_buffers)
+
+
+def matrix_view(update: Tensor, *, is_expert: bool = False, num_heads: int | None = None) -> Tensor:
+    """View an update as a batch of matrices ``[..., m, n]`` for Newton-Schulz.
+
+    - 2-D: the matrix itself; with ``num_heads`` the rows split into per-head blocks
+      ``[heads, out/heads, in]`` so each attention head is orthogonalized on its own.
+    - 3-D and more, tagged expert (or any 3-D): leading dims are independent matrices.
+    - 4-D not tagged expert: a convolution ``[out, in, kh, kw]`` flattened to ``[out, in*kh*kw]``
+      as Keller Jordan's Muon does.
+    """
+    if update.ndim < 2:
+        raise ValueError(f"Muon needs matrices, got a {update.ndim}-D tensor of shape {tuple(update.shape)}")
+    if num_heads is not None:
+        if update.ndim != 2 or update.shape[0] % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} needs a 2-D weight whose rows split evenly into heads; "
+                f"got shape {tuple(update.shape)}"
+            )
+        return rearrange(update, "(h d) n -> h d n", h=num_heads)
+    if update.ndim == 4 and not is_expert:
+        return rearrange(update, "o i kh kw -> o (i kh kw)")
+    return update
+
+
+def orthogonalize_updates(
+    updates: list[Tensor],
+    *,
+    method: str,
+    steps: int,
+    coefficients: tuple[float, float, float],
+    eps: float,
+    dtype: str | torch.dtype,
+) -> list[Tensor]:
+    """Orthogonalize every matrix of every update with one batched call per bucket.
+
+    Matrices are bucketed by (m, n, dtype, device, resolved method); a bucket is concatenated
+    along a single batch dim, so 3-D expert stacks and same-shape 2-D weights share one call.
+    Returns new tensors shaped like the inputs.
+    """
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for index, update in enumerate(updates):
+        m, n = update.shape[-2:]
+        resolved = resolve_ns_method(method, update.shape, update.device)
+        buckets[(m, n, update.dtype, update.device, resolved)].append(index)
+
+    results: list[Tensor | None] = [None] * len(updates)
+    for (m, n, _, _, resolved), indices in buckets.items():
+        stacked = torch.cat([updates[i].reshape(-1, m, n) for i in indices])
+        ortho = orthogonalize(
+            stacked, method=resolved, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype
+        )
+        sizes = [updates[i].reshape(-1, m, n).shape[0] for i in indices]
+        for i, chunk in zip(indices, ortho.split(sizes), strict=True):
+            results[i] = chunk.view(updates[i].shape)
+    return results  # type: ignore[return-value]
+
+
+def apply_updates(
+    params: list[Tensor],
+    updates: list[Tensor],
+    matrix_shapes: list[torch.Size],
+    *,
+    lr: float,
+    weight_decay: float,
+    adjust_lr_fn: str | None,
+) -> None:
+    """Decoupled weight decay ``p <- p (1 - lr wd)``, then ``p <- p - lr_adj(shape) U``.
+
+    Weight decay uses the unadjusted lr, as torch.optim.Muon does.
+    """
+    if not params:
+        return
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    for param, update, shape in zip(params, updates, matrix_shapes, strict=True):
+        param.add_(update.view_as(param), alpha=-adjusted_lr(lr, adjust_lr_fn, shape))
+
+
+def muon_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_method: str,
+    ns_steps: int,
+    ns_coefficients: tuple[float, float, float],
+    ns_dtype: str | torch.dtype,
+    eps: float,
+    adjust_lr_fn: str | None,
+    is_expert: bool = False,
+    num_heads: int | None = None,
+) -> None:
+    """One Muon step on whole (unsharded) parameters: the functional API of :class:`expertopt.Muon`."""
+    directions = blend_momentum(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
+    views = [matrix_view(d, is_expert=is_expert, num_heads=num_heads) for d in directions]
+    ortho = orthogonalize_updates(
+        views, method=ns_method, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype
+    )
+    apply_updates(
+        params,
+        ortho,
+        [v.shape for v in views],
+        lr=lr,
+        weight_decay=weight_decay,
+        adjust_lr_fn=adjust_lr_fn,
+    )
