@@ -20,10 +20,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["GroupedOptimizer", "all_finite", "effective_lr", "group_label", "param_label"]
-
-# Group keys that describe routing, never hyperparameters a scheduler should touch.
-ROUTING_KEYS = ("name", "expert", "link", "use_muon")
+__all__ = [
+    "GroupedOptimizer",
+    "all_finite",
+    "effective_lr",
+    "group_label",
+    "param_label",
+    "skip_nonfinite_step",
+]
 
 
 def _scalar(value: float | Tensor) -> float:
@@ -156,38 +160,43 @@ class GroupedOptimizer(Optimizer):
 
     # -- step helpers ------------------------------------------------------------------------
     @staticmethod
-    def _grads_of(group: dict[str, Any], optimizer_name: str) -> tuple[list[Tensor], list[Tensor]]:
-        """Parameters that have a gradient, and their gradients; rejects complex and sparse."""
-        params, grads = [], []
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            if torch.is_complex(param):
-                raise RuntimeError(f"{optimizer_name} does not support complex parameters")
-            if param.grad.is_sparse:
-                raise RuntimeError(f"{optimizer_name} does not support sparse gradients")
-            params.append(param)
-            grads.append(param.grad)
-        return params, grads
+    def _grads_of(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """Parameters of ``group`` that have a gradient, and their gradients."""
+        params = [p for p in group["params"] if p.grad is not None]
+        return params, [p.grad for p in params]
 
     def all_grads(self) -> list[Tensor]:
-        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        """Every gradient, after rejecting complex parameters and sparse gradients (RuntimeError, as torch)."""
+        grads = []
+        for group in self.param_groups:
+            rule = "Muon" if group.get("use_muon") else "AdamW"
+            for param in self._grads_of(group)[0]:
+                if torch.is_complex(param):
+                    raise RuntimeError(f"{rule} does not support complex parameters")
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{rule} does not support sparse gradients")
+                grads.append(param.grad)
+        return grads
 
     def _skip_nonfinite(self, grads: list[Tensor]) -> bool:
-        """True (and counted, and warned) when any gradient holds inf or NaN.
+        return skip_nonfinite_step(self, grads)
 
-        One host sync per step: the price of never folding a bad gradient into momentum (F10).
-        """
-        if not self.skip_nonfinite or all_finite(grads):
-            return False
-        self.nonfinite_steps += 1
-        warnings.warn(
-            f"{type(self).__name__}: non-finite gradient, step skipped; parameters and optimizer state "
-            f"are unchanged ({self.nonfinite_steps} skipped so far)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return True
+
+def skip_nonfinite_step(owner: Any, grads: list[Tensor]) -> bool:
+    """True (and counted in ``owner.nonfinite_steps``, and warned) when a gradient holds inf/NaN.
+
+    One host sync per step: the price of never folding a bad gradient into momentum (F10).
+    """
+    if not owner.skip_nonfinite or all_finite(grads):
+        return False
+    owner.nonfinite_steps += 1
+    warnings.warn(
+        f"{type(owner).__name__}: non-finite gradient, step skipped; parameters and optimizer state "
+        f"are unchanged ({owner.nonfinite_steps} skipped so far)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return True
 
 
 def all_finite(tensors: list[Tensor]) -> bool:

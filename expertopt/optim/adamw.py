@@ -33,7 +33,7 @@ def init_adamw_state(state: dict[str, Any], param: Tensor, amsgrad: bool) -> Non
 
 def step_adamw_group(optimizer: GroupedOptimizer, group: dict[str, Any]) -> None:
     """One AdamW step over the parameters of ``group`` that have gradients."""
-    params, grads = optimizer._grads_of(group, "AdamW")
+    params, grads = optimizer._grads_of(group)
     states = [optimizer.state[p] for p in params]
     amsgrad = group.get("amsgrad", False)
     adamw_step(

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from expertopt.optim._base import GroupedOptimizer, effective_lr, group_label, param_label
+from expertopt.optim._base import (
+    GroupedOptimizer,
+    effective_lr,
+    group_label,
+    param_label,
+    skip_nonfinite_step,
+)
 
 __all__ = ["LINKED_KEYS", "MoEOptimizer"]
 
@@ -48,6 +54,10 @@ class MoEOptimizer(Optimizer):
         _check_disjoint(dense, experts)
         self.dense = dense
         self.experts = experts
+        # The guard moves up here so that a bad gradient anywhere skips both optimizers.
+        self.skip_nonfinite = dense.skip_nonfinite
+        self.nonfinite_steps = 0
+        dense.skip_nonfinite = experts.skip_nonfinite = False
         self._ready = False
         super().__init__(dense.param_groups + experts.param_groups, dict(dense.defaults))
         self._ready = True
@@ -113,10 +123,6 @@ class MoEOptimizer(Optimizer):
         self.sync_expert_groups()
         return [effective_lr(g) for g in self.param_groups]
 
-    @property
-    def nonfinite_steps(self) -> int:
-        return self.dense.nonfinite_steps
-
     # -- step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -125,10 +131,9 @@ class MoEOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.sync_expert_groups()
-        grads = self.dense.all_grads() + self.experts.all_grads()
-        if not self.dense._skip_nonfinite(grads):
-            self.dense._step_groups()
-            self.experts._step_groups()
+        if not skip_nonfinite_step(self, self.dense.all_grads() + self.experts.all_grads()):
+            self.dense.step()
+            self.experts.step()
         return loss
 
     # -- checkpoints -------------------------------------------------------------------------

@@ -185,7 +185,7 @@ class Muon(GroupedOptimizer):
             step_adamw_group(self, group)
 
     def _step_muon_group(self, group: dict[str, Any]) -> None:
-        params, grads = self._grads_of(group, "Muon")
+        params, grads = self._grads_of(group)
         muon_step(
             params,
             grads,
