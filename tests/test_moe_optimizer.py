@@ -78,3 +78,13 @@ def test_state_dict_round_trip_keeps_both_states(toy_moe):
             assert torch.equal(fresh.state[p][key], value)
     with pytest.raises(ValueError, match=r"lacks \['experts'\]"):
         fresh.load_state_dict({"dense": state["dense"]})
+
+
+def test_groups_added_to_a_member_optimizer_are_seen(toy_moe):
+    opt = _moe(toy_moe)
+    extra = torch.nn.Parameter(torch.randn(4, 4))
+    opt.dense.add_param_group({"params": [extra], "param_names": ["extra"], "name": "late"})
+    assert opt.param_groups[len(opt.dense.param_groups) - 1]["name"] == "late"
+    assert extra in opt.state
+    with pytest.raises(AttributeError, match="use add_param_group"):
+        opt.param_groups = []

@@ -61,7 +61,7 @@ class MoEOptimizer(Optimizer):
         self._ready = False
         super().__init__(dense.param_groups + experts.param_groups, dict(dense.defaults))
         self._ready = True
-        self._relink()
+        self._links()  # fail now, not at the first step, on a link to a missing group
 
     @classmethod
     def from_groups(
@@ -85,21 +85,38 @@ class MoEOptimizer(Optimizer):
             )
         return cls(optimizer_cls(dense, **defaults), optimizer_cls(experts, **defaults))
 
-    # -- groups ------------------------------------------------------------------------------
+    # -- views derived from the two optimizers (never stale, whatever replaced their groups) --
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.dense.param_groups + self.experts.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if self._ready:
+            raise AttributeError(
+                "MoEOptimizer.param_groups is derived from its dense and expert optimizers; "
+                "use add_param_group (routed by the group's 'expert' key)"
+            )
+
+    @property
+    def state(self) -> ChainMap:  # type: ignore[override]
+        return ChainMap(self.dense.state, self.experts.state)
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        pass  # Optimizer.__init__ assigns an empty state; the real one lives in the two optimizers
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._ready:  # Optimizer.__init__ registering the groups the two optimizers own
-            super().add_param_group(param_group)
             return
         target = self.experts if param_group.get("expert", False) else self.dense
         target.add_param_group(param_group)
-        self._relink()
+        self._links()
 
-    def _relink(self) -> None:
-        """Refresh the chained views after the two optimizers replaced their groups or state."""
-        self.param_groups = self.dense.param_groups + self.experts.param_groups
-        self.state = ChainMap(self.dense.state, self.experts.state)  # type: ignore[assignment]
+    def _links(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(dense group, expert group) pairs, resolved by name now."""
         by_name = {g["name"]: g for g in self.dense.param_groups if g.get("name")}
-        self._links = []
+        links = []
         for index, group in enumerate(self.experts.param_groups):
             link = group.get("link")
             if link is None:
@@ -109,11 +126,12 @@ class MoEOptimizer(Optimizer):
                     f"expert {group_label(group, index)} links to dense group {link!r}, which does not "
                     f"exist; dense group names: {sorted(by_name)}"
                 )
-            self._links.append((by_name[link], group))
+            links.append((by_name[link], group))
+        return links
 
     def sync_expert_groups(self) -> None:
         """Copy :data:`LINKED_KEYS` from each linked dense group into its expert group."""
-        for dense_group, expert_group in self._links:
+        for dense_group, expert_group in self._links():
             for key in LINKED_KEYS:
                 if key in dense_group and key in expert_group:
                     expert_group[key] = dense_group[key]
@@ -148,7 +166,6 @@ class MoEOptimizer(Optimizer):
             )
         self.dense.load_state_dict(state_dict["dense"])
         self.experts.load_state_dict(state_dict["experts"])
-        self._relink()
 
 
 def _check_disjoint(dense: GroupedOptimizer, experts: GroupedOptimizer) -> None:
