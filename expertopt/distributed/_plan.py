@@ -1,0 +1,80 @@
+"""Owner assignment and the exchange plan, computed once and identically on every rank.
+
+Each matrix gets one owner rank, which alone runs its Newton-Schulz (F6: never twice, never on
+a partly reduced gradient). Owners are balanced by Newton-Schulz FLOPs (longest processing time
+first); among equally loaded ranks the one already holding most of the matrix wins, which keeps
+whole-in-one-partition matrices at home and moves no bytes for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from expertopt.distributed.layout import FlatLayout
+from expertopt.kernels import ns_flops
+
+__all__ = ["ExchangePlan", "assign_owners", "plan_exchange"]
+
+
+def assign_owners(layout: FlatLayout, method: str = "standard", steps: int = 5) -> tuple[int, ...]:
+    """Owner rank of every matrix, balanced by Newton-Schulz cost."""
+    loads = [0] * layout.world_size
+    owners = [0] * len(layout.matrices)
+    costs = [ns_flops((m.rows, m.cols), method=method, steps=steps) for m in layout.matrices]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+
+        def preference(rank: int, index: int = index) -> tuple[int, int, int]:
+            lo, hi = layout.piece(index, rank)
+            return (loads[rank], -(hi - lo), rank)
+
+        owner = min(range(layout.world_size), key=preference)
+        owners[index] = owner
+        loads[owner] += costs[index]
+    return tuple(owners)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangePlan:
+    """What ``rank`` sends and receives in the gather-to-owner all-to-all (and back, reversed).
+
+    ``send_pieces``: local ``(lo, hi)`` slices of this rank's partition, ordered by destination;
+    ``send_sizes[d]``: elements sent to rank ``d``. ``recv_pieces``: ``(slot, lo, hi)`` = where
+    each received run goes inside the owned matrix ``owned[slot]``, ordered by source;
+    ``recv_sizes[s]``: elements received from rank ``s``. The return trip swaps the two.
+    """
+
+    owned: tuple[int, ...]
+    send_pieces: tuple[tuple[int, int], ...]
+    send_sizes: tuple[int, ...]
+    recv_pieces: tuple[tuple[int, int, int], ...]
+    recv_sizes: tuple[int, ...]
+
+
+def plan_exchange(layout: FlatLayout, owners: tuple[int, ...], rank: int) -> ExchangePlan:
+    offset = rank * layout.partition_size
+    owned_by: list[list[int]] = [[] for _ in range(layout.world_size)]
+    for index, owner in enumerate(owners):
+        owned_by[owner].append(index)
+
+    send_pieces, send_sizes = [], []
+    for destination in range(layout.world_size):
+        size = 0
+        for index in owned_by[destination]:
+            lo, hi = layout.piece(index, rank)
+            if hi > lo:
+                send_pieces.append((lo - offset, hi - offset))
+                size += hi - lo
+        send_sizes.append(size)
+
+    owned = tuple(owned_by[rank])
+    recv_pieces, recv_sizes = [], []
+    for source in range(layout.world_size):
+        size = 0
+        for slot, index in enumerate(owned):
+            lo, hi = layout.piece(index, source)
+            if hi > lo:
+                start = layout.matrices[index].start
+                recv_pieces.append((slot, lo - start, hi - start))
+                size += hi - lo
+        recv_sizes.append(size)
+    return ExchangePlan(owned, tuple(send_pieces), tuple(send_sizes), tuple(recv_pieces), tuple(recv_sizes))

@@ -1,0 +1,68 @@
+"""The only collectives of distributed Muon: gather each matrix to its owner and scatter back.
+
+Two ``all_to_all_single`` calls per flat group and step: every rank sends the pieces of the
+momentum-blended update it holds to the matrices' owners, owners orthogonalize their matrices
+in batched calls, and send each rank back exactly the pieces it holds. Bytes per rank: twice
+its partition of Muon matrices (minus what stays home), independent of the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from expertopt.distributed._plan import ExchangePlan
+from expertopt.distributed.layout import FlatLayout
+
+__all__ = ["exchange_orthogonalize"]
+
+
+def exchange_orthogonalize(
+    local: Tensor,
+    layout: FlatLayout,
+    plan: ExchangePlan,
+    orthogonalize_fn: Callable[[list[Tensor]], list[Tensor]],
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Orthogonalize every matrix of ``layout`` once; return this rank's slice of the result.
+
+    ``local`` is this rank's flat partition of the update; the result has its shape, with the
+    orthogonalized values at matrix elements and zeros at padding.
+    """
+    send = _gather_pieces(local, plan.send_pieces)
+    received = local.new_empty(sum(plan.recv_sizes))
+    dist.all_to_all_single(received, send, list(plan.recv_sizes), list(plan.send_sizes), group=group)
+
+    matrices = [layout.matrices[index] for index in plan.owned]
+    owned = [local.new_empty(m.numel) for m in matrices]
+    position = 0
+    for slot, lo, hi in plan.recv_pieces:
+        owned[slot][lo:hi] = received[position : position + hi - lo]
+        position += hi - lo
+    results = orthogonalize_fn([flat.view(m.rows, m.cols) for flat, m in zip(owned, matrices, strict=True)])
+
+    reply = (
+        torch.cat([results[slot].reshape(-1)[lo:hi] for slot, lo, hi in plan.recv_pieces])
+        if plan.recv_pieces
+        else local.new_empty(0)
+    )
+    returned = local.new_empty(sum(plan.send_sizes))
+    dist.all_to_all_single(
+        returned, reply.to(local.dtype), list(plan.send_sizes), list(plan.recv_sizes), group=group
+    )
+
+    out = torch.zeros_like(local)
+    position = 0
+    for lo, hi in plan.send_pieces:
+        out[lo:hi] = returned[position : position + hi - lo]
+        position += hi - lo
+    return out
+
+
+def _gather_pieces(local: Tensor, pieces: tuple[tuple[int, int], ...]) -> Tensor:
+    if not pieces:
+        return local.new_empty(0)
+    return torch.cat([local[lo:hi] for lo, hi in pieces])
