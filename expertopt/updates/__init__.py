@@ -3,7 +3,6 @@
 from expertopt.updates.adamw import adamw_step
 from expertopt.updates.muon import (
     adjusted_lr,
-    apply_updates,
     blend_momentum,
     matrix_view,
     muon_step,
@@ -13,7 +12,6 @@ from expertopt.updates.muon import (
 __all__ = [
     "adamw_step",
     "adjusted_lr",
-    "apply_updates",
     "blend_momentum",
     "matrix_view",
     "muon_step",

@@ -5,13 +5,11 @@ the way Keller Jordan's and dion's Muon do: the last two dims of a tensor are th
 leading dim is a batch of independent matrices (stacked experts ``[E, out, in]``). Each matrix is
 normalized and lr-scaled by its own shape (F8).
 
-Phases, each a pure function on lists of local tensors so the distributed step can run them on
-shards and call only :func:`orthogonalize_updates` on whole matrices:
-
-1. :func:`blend_momentum` - momentum buffer and (Nesterov) update direction, elementwise;
-2. :func:`matrix_view` + :func:`orthogonalize_updates` - one batched Newton-Schulz call per
-   (matrix shape, dtype, device) bucket;
-3. :func:`apply_updates` - decoupled weight decay and the shape-scaled step.
+Single process, :func:`muon_step`: momentum (foreach), then per bucket of same-shape matrices
+the Nesterov direction written straight into one batch, one Newton-Schulz call, one foreach add.
+Sharded (ZeRO partitions), the same pieces split where communication must happen:
+:func:`blend_momentum` on each rank's slice, :func:`orthogonalize_updates` on the owner's whole
+matrices, and the shape-scaled step on the slice again (``expertopt.distributed``).
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from expertopt.kernels import orthogonalize, resolve_ns_method
 __all__ = [
     "ADJUST_LR_FNS",
     "adjusted_lr",
-    "apply_updates",
     "blend_momentum",
     "matrix_view",
     "muon_step",
@@ -126,27 +123,6 @@ def orthogonalize_updates(
     return results  # type: ignore[return-value]
 
 
-def apply_updates(
-    params: list[Tensor],
-    updates: list[Tensor],
-    matrix_shapes: list[torch.Size],
-    *,
-    lr: float,
-    weight_decay: float,
-    adjust_lr_fn: str | None,
-) -> None:
-    """Decoupled weight decay ``p <- p (1 - lr wd)``, then ``p <- p - lr_adj(shape) U``.
-
-    Weight decay uses the unadjusted lr, as torch.optim.Muon does.
-    """
-    if not params:
-        return
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    for param, update, shape in zip(params, updates, matrix_shapes, strict=True):
-        param.add_(update.view_as(param), alpha=-adjusted_lr(lr, adjust_lr_fn, shape))
-
-
 def muon_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -165,17 +141,37 @@ def muon_step(
     is_expert: bool = False,
     num_heads: int | None = None,
 ) -> None:
-    """One Muon step on whole (unsharded) parameters: the functional API of :class:`expertopt.Muon`."""
-    directions = blend_momentum(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
-    views = [matrix_view(d, is_expert=is_expert, num_heads=num_heads) for d in directions]
-    ortho = orthogonalize_updates(
-        views, method=ns_method, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype
-    )
-    apply_updates(
-        params,
-        ortho,
-        [v.shape for v in views],
-        lr=lr,
-        weight_decay=weight_decay,
-        adjust_lr_fn=adjust_lr_fn,
-    )
+    """One Muon step on whole (unsharded) parameters: the functional API of :class:`expertopt.Muon`.
+
+    Per bucket of same-shape matrices the Nesterov direction is written straight into the
+    batch Newton-Schulz reads, and the result is added back with one foreach call: every matrix
+    in a bucket has the same shape, hence the same adjusted lr.
+    """
+    if not params:
+        return
+    torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
+    views = [matrix_view(g, is_expert=is_expert, num_heads=num_heads) for g in grads]
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for index, view in enumerate(views):
+        m, n = view.shape[-2:]
+        method = resolve_ns_method(ns_method, view.shape, view.device)
+        buckets[(m, n, view.dtype, view.device, method)].append(index)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)  # torch.optim.Muon: unadjusted lr
+    for (m, n, dtype, device, method), indices in buckets.items():
+        sizes = [views[i].numel() // (m * n) for i in indices]
+        directions = torch.empty((sum(sizes), m, n), dtype=dtype, device=device)
+        for i, chunk in zip(indices, directions.split(sizes), strict=True):
+            grad, buffer = grads[i].reshape(chunk.shape), momentum_buffers[i].reshape(chunk.shape)
+            if nesterov:
+                torch.lerp(grad, buffer, momentum, out=chunk)
+            else:
+                chunk.copy_(buffer)
+        ortho = orthogonalize(
+            directions, method=method, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype
+        )
+        torch._foreach_add_(
+            [params[i] for i in indices],
+            [chunk.view(params[i].shape) for i, chunk in zip(indices, ortho.split(sizes), strict=True)],
+            alpha=-adjusted_lr(lr, adjust_lr_fn, (m, n)),
+        )
