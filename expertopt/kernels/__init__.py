@@ -1,0 +1,27 @@
+"""Orthogonalization kernels: pure functions on ``[..., m, n]`` tensors, no optimizer state."""
+
+from expertopt.kernels.newton_schulz import (
+    DEFAULT_EPS,
+    DEFAULT_NS_COEFFICIENTS,
+    DEFAULT_NS_STEPS,
+    NS_DTYPES,
+    NS_METHODS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    ns_flops,
+    orthogonalize,
+    resolve_ns_dtype,
+    resolve_ns_method,
+)
+
+__all__ = [
+    "DEFAULT_EPS",
+    "DEFAULT_NS_COEFFICIENTS",
+    "DEFAULT_NS_STEPS",
+    "NS_DTYPES",
+    "NS_METHODS",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "ns_flops",
+    "orthogonalize",
+    "resolve_ns_dtype",
+    "resolve_ns_method",
+]

@@ -1,0 +1,330 @@
+"""Batched Newton-Schulz orthogonalization of ``[..., m, n]`` tensors (the only NS math in expertopt).
+
+Every matrix in the batch is orthogonalized independently in one batched call: the leading dims
+are a batch, each matrix is normalized by its *own* Frobenius norm (a norm across the expert
+axis is failure class F8), and tall matrices are transposed so the iteration runs on the short
+side. Three iterations are provided:
+
+``standard``
+    Keller Jordan's quintic, identical to ``torch.optim.Muon``:
+    :math:`A = XX^T,\\; X \\leftarrow aX + (bA + cA^2)X`.
+``gram``
+    Gram Newton-Schulz (Dao AI Lab, https://tridao.me/blog/2026/gram-newton-schulz/): iterate on
+    the short-side Gram matrix :math:`R = XX^T` and accumulate the left factor :math:`Q`, restarting
+    after two iterations. Equal to ``standard`` in exact arithmetic; fewer FLOPs when
+    ``max(m, n) / min(m, n) >= 2``; square matrices fall back to ``standard``.
+``polar_express``
+    Amsel, Persson, Musco, Gower 2025, "The Polar Express" (arXiv 2505.16932): the standard
+    quintic step with a per-iteration coefficient table that converges to :math:`UV^T`.
+
+Numerical contract: in float32 the batched call equals a per-matrix loop to ~1e-6. In bf16 the
+standard iteration is torch.optim.Muon's, product for product (bitwise equal when both
+normalizations round to the same bf16 input); we normalize in fp32 where torch normalizes in
+bf16, so on general input the two agree to bf16 rounding (~2% relative after 5 steps). Bitwise
+equality with other implementations is not promised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "DEFAULT_EPS",
+    "DEFAULT_NS_COEFFICIENTS",
+    "DEFAULT_NS_STEPS",
+    "NS_DTYPES",
+    "NS_METHODS",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "ns_flops",
+    "orthogonalize",
+    "resolve_ns_dtype",
+    "resolve_ns_method",
+]
+
+# Keller Jordan's quintic coefficients, the same as torch.optim.Muon's default ns_coefficients.
+DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+DEFAULT_NS_STEPS = 5
+DEFAULT_EPS = 1e-7
+NS_METHODS = ("standard", "gram", "polar_express", "auto")
+NS_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+_DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_MAX_STEPS = 100  # torch.optim.Muon refuses ns_steps >= 100 too
+
+# Polar Express table before the safety factor, from the authors' code:
+# https://github.com/NoahAmsel/PolarExpress/blob/7f0fb5730e3d5946f96b07404bbe476515f2caec/polar_express/basic.py
+# (optimal_composition(l=1e-3, num_iters=8, safety_factor_eps=1e-2, cushion=0.02)).
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+# The paper's safety factor: p(x / 1.01) for every polynomial but the last, so that rounding
+# cannot push a singular value past the interval the next polynomial was fitted on. The same
+# 1.01 also scales the initial normalization (X / (1.01 * ||X||_F)), as in their reference code.
+_POLAR_EXPRESS_SAFETY = 1.01
+POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
+    *(
+        (a / _POLAR_EXPRESS_SAFETY, b / _POLAR_EXPRESS_SAFETY**3, c / _POLAR_EXPRESS_SAFETY**5)
+        for a, b, c in _POLAR_EXPRESS_RAW[:-1]
+    ),
+    _POLAR_EXPRESS_RAW[-1],
+)
+
+# Gram NS recomputes X and R = XX^T from the accumulated Q after this many iterations; the
+# restart keeps half-precision error in R from compounding (Dao AI Lab; DeepSpeed's restart_at=2).
+_GRAM_RESTART_AT = 2
+# 'auto' picks gram only on accelerators and only from this aspect ratio on: counted with plain
+# (non-symmetric) GEMMs, gram saves 12% of the FLOPs at ratio 2 but 33% at 4 and 46% at 8, and it
+# issues more (smaller) matmuls, so the saving must be large to pay for itself.
+_GRAM_AUTO_MIN_ASPECT_RATIO = 4
+_ACCELERATOR_TYPES = ("cuda", "xpu")
+# See _chunk_size: the working set of one batched call on CPU, sized to the L2 of the bench machine.
+_CPU_CHUNK_BYTES = 1 << 20
+
+
+def resolve_ns_method(method: str, shape: torch.Size | tuple[int, ...], device: torch.device) -> str:
+    """Validate ``method`` and turn ``'auto'`` into ``'standard'`` or ``'gram'`` for this shape and device.
+
+    ``'auto'`` never returns ``'polar_express'``: that computes a different iteration (it converges
+    to :math:`UV^T`), so it must be asked for. On CPU ``'auto'`` is always ``'standard'``: gram needs
+    more mantissa than bf16 and fp32 matmul runs at about a third of bf16's rate there.
+    """
+    if method not in NS_METHODS:
+        raise ValueError(f"Unknown Newton-Schulz method {method!r}; expected one of {NS_METHODS}.")
+    if len(shape) < 2:
+        raise ValueError(
+            f"Newton-Schulz needs a [..., m, n] shape, got {tuple(shape)}; "
+            "route vectors and scalars to AdamW instead."
+        )
+    if method != "auto":
+        return method
+    short, long = sorted(shape[-2:])
+    on_accelerator = torch.device(device).type in _ACCELERATOR_TYPES
+    if on_accelerator and short > 0 and long >= _GRAM_AUTO_MIN_ASPECT_RATIO * short:
+        return "gram"
+    return "standard"
+
+
+def resolve_ns_dtype(dtype: str | torch.dtype, device: torch.device, method: str) -> torch.dtype:
+    """Return the compute dtype of the iteration; ``'auto'`` chooses per device and resolved method.
+
+    ``'auto'``: cuda/xpu run standard and polar_express in bf16 and gram in fp16 (the Gram matrix
+    needs the extra mantissa, as in Dao AI Lab's and DeepSpeed's kernels); CPU runs standard and
+    polar_express in bf16 and gram in fp32, never fp16 (fp16 matmul is ~100-300x slower than bf16
+    on CPU); other devices use fp32. Explicit dtypes are honoured as given.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_BY_NAME.values():
+            raise ValueError(
+                f"Unsupported Newton-Schulz dtype {dtype}; expected one of {NS_DTYPES} "
+                "or torch.bfloat16 / torch.float16 / torch.float32."
+            )
+        return dtype
+    if dtype not in NS_DTYPES:
+        raise ValueError(
+            f"Unknown Newton-Schulz dtype {dtype!r}; expected one of {NS_DTYPES} "
+            "or torch.bfloat16 / torch.float16 / torch.float32."
+        )
+    if dtype != "auto":
+        return _DTYPE_BY_NAME[dtype]
+    if method not in NS_METHODS or method == "auto":
+        raise ValueError(
+            f"resolve_ns_dtype needs a resolved method, got {method!r}; "
+            f"call resolve_ns_method first (resolved methods: {NS_METHODS[:-1]})."
+        )
+    device_type = torch.device(device).type
+    if device_type in _ACCELERATOR_TYPES:
+        return torch.float16 if method == "gram" else torch.bfloat16
+    if device_type == "cpu":
+        return torch.float32 if method == "gram" else torch.bfloat16
+    return torch.float32
+
+
+def _check_steps_and_coefficients(steps: int, coefficients: Sequence[float]) -> None:
+    """Raise ValueError (never assert) on a bad iteration count or coefficient triple."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < _MAX_STEPS:
+        raise ValueError(
+            f"Newton-Schulz steps must be an int in [1, {_MAX_STEPS}), got {steps!r}; "
+            f"the default is {DEFAULT_NS_STEPS}."
+        )
+    if (
+        not isinstance(coefficients, Sequence)
+        or len(coefficients) != 3
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in coefficients)
+    ):
+        raise ValueError(
+            f"Newton-Schulz coefficients must be 3 numbers (a, b, c), got {coefficients!r}; "
+            f"the default is {DEFAULT_NS_COEFFICIENTS}."
+        )
+
+
+def _coefficient_schedule(
+    method: str, steps: int, coefficients: tuple[float, float, float]
+) -> list[tuple[float, float, float]]:
+    """One (a, b, c) per iteration; Polar Express reuses its last triple past the table's end."""
+    if method != "polar_express":
+        return [tuple(coefficients)] * steps
+    table = list(POLAR_EXPRESS_COEFFICIENTS)
+    return table[:steps] + [table[-1]] * max(0, steps - len(table))
+
+
+def _normalize(X: torch.Tensor, compute_dtype: torch.dtype, eps: float, scale: float) -> torch.Tensor:
+    """Divide each matrix by its own Frobenius norm (times ``scale``), clamped like torch.optim.Muon.
+
+    Half-precision inputs are normalized in fp32: an fp16 matrix with 1e4 entries has an fp16
+    norm of inf (F10), and bf16 would round the norm before the division.
+    """
+    norm_dtype = torch.float32 if X.dtype in (torch.float16, torch.bfloat16) else X.dtype
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+    if scale != 1.0:
+        norm = norm * scale
+    # One memory pass: divide in norm_dtype, round to compute_dtype and write a contiguous
+    # buffer, which also materializes the transpose of tall matrices for free.
+    out = torch.empty(X.shape, dtype=compute_dtype, device=X.device)
+    return torch.div(X, norm.clamp(min=eps), out=out)
+
+
+def _standard_iterations(X: torch.Tensor, schedule: list[tuple[float, float, float]]) -> torch.Tensor:
+    """Quintic NS on a wide batch ``X: [B, n, m]`` (n <= m): X <- aX + (bA + cA^2)X with A = XX^T.
+
+    baddbmm fuses the scale-and-add into the GEMM, exactly as torch.optim.Muon's addmm does.
+    """
+    for a, b, c in schedule:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return X
+
+
+def _gram_iterations(X: torch.Tensor, schedule: list[tuple[float, float, float]]) -> torch.Tensor:
+    """Gram NS on a wide batch ``X: [B, n, m]`` (n < m); equal to ``_standard_iterations`` in exact arithmetic.
+
+    With P_k = aI + bR_k + cR_k^2 the standard step is X_{k+1} = P_k X_k, so R_{k+1} = P_k R_k P_k
+    = P_k (P_k R_k) (P_k commutes with R_k) and X_k = Q_k X_0 with Q_k = P_{k-1} ... P_0. Only the
+    n x n matrices R and Q are iterated; X is touched at the restart and at the end.
+    """
+    R = torch.bmm(X, X.mT)
+    Q = None
+    steps = len(schedule)
+    for i, (a, b, c) in enumerate(schedule):
+        if i == _GRAM_RESTART_AT:
+            X = torch.bmm(Q, X)
+            R = torch.bmm(X, X.mT)
+            Q = None
+        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)  # bR + cR^2; P = aI + Z
+        if Q is None:
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        else:
+            Q = torch.baddbmm(Q, Z, Q, beta=a)
+        # R is not needed after the last step, nor before a restart recomputes it.
+        if i < steps - 1 and i + 1 != _GRAM_RESTART_AT:
+            PR = torch.baddbmm(R, Z, R, beta=a)
+            R = torch.baddbmm(PR, Z, PR, beta=a)
+    return torch.bmm(Q, X)
+
+
+def orthogonalize(
+    G: torch.Tensor,
+    *,
+    method: str = "standard",
+    steps: int = DEFAULT_NS_STEPS,
+    coefficients: tuple[float, float, float] = DEFAULT_NS_COEFFICIENTS,
+    eps: float = DEFAULT_EPS,
+    dtype: str | torch.dtype = "auto",
+) -> torch.Tensor:
+    """Approximate polar factor :math:`UV^T` of every matrix of ``G: [..., m, n]`` in one batched call.
+
+    ``coefficients`` drive ``standard`` and ``gram``; ``polar_express`` uses its own per-iteration
+    table. ``dtype`` is the compute dtype (see :func:`resolve_ns_dtype`). The result is a new
+    contiguous tensor of ``G.shape`` and ``G.dtype``; a zero matrix maps to zeros. On CPU the
+    batch runs in cache-sized chunks (see ``_chunk_size``), which does not change the result.
+    """
+    if not isinstance(G, torch.Tensor) or G.ndim < 2:
+        shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
+        raise ValueError(
+            f"orthogonalize needs a tensor of shape [..., m, n] (ndim >= 2), got {shape}; "
+            "route vectors and scalars to AdamW instead."
+        )
+    if not G.is_floating_point():
+        raise ValueError(f"orthogonalize needs a floating-point tensor, got {G.dtype}.")
+    _check_steps_and_coefficients(steps, coefficients)
+    method = resolve_ns_method(method, G.shape, G.device)
+    compute_dtype = resolve_ns_dtype(dtype, G.device, method)
+
+    m, n = G.shape[-2:]
+    if G.numel() == 0:
+        return torch.zeros_like(G)
+    scale = _POLAR_EXPRESS_SAFETY if method == "polar_express" else 1.0
+    schedule = _coefficient_schedule(method, steps, coefficients)
+    # Gram saves nothing on a square matrix, so it runs the standard iteration there.
+    iterate = _gram_iterations if method == "gram" and m != n else _standard_iterations
+    # One flat batch dim so every product is a single bmm/baddbmm call.
+    X = G.reshape(-1, m, n)
+    out = torch.empty(X.shape, dtype=G.dtype, device=G.device)
+    chunk = _chunk_size(X, compute_dtype)
+    for start in range(0, X.shape[0], chunk):
+        Y = X[start : start + chunk]
+        # Tall matrices are transposed (a view; _normalize materializes it) so that A = XX^T is
+        # min(m, n) square, and transposed back on the way out.
+        Y = Y.mT if m > n else Y
+        Y = iterate(_normalize(Y, compute_dtype, eps, scale), schedule)
+        out[start : start + chunk] = Y.mT if m > n else Y  # also the cast back to G.dtype
+    return out.reshape(G.shape)
+
+
+def _chunk_size(X: torch.Tensor, compute_dtype: torch.dtype) -> int:
+    """Matrices per batched call: all of them on accelerators, about 1 MiB of X per call on CPU.
+
+    On CPU a 128 x 256 x 512 batch streams 32 MiB through every elementwise pass (normalization,
+    baddbmm's copy of its input) while a per-expert loop keeps each matrix in the 2 MiB L2; batching
+    in ~1 MiB chunks keeps both the cache locality and the batching win for small matrices (whose
+    chunks still hold hundreds of experts): measured never slower than the loop, see
+    docs/benchmarks.md.
+    """
+    if X.device.type != "cpu":
+        return X.shape[0]
+    matrix_bytes = X.shape[-2] * X.shape[-1] * compute_dtype.itemsize
+    return max(1, _CPU_CHUNK_BYTES // matrix_bytes)
+
+
+def ns_flops(shape: tuple[int, ...], *, method: str, steps: int = DEFAULT_NS_STEPS) -> int:
+    """Matmul FLOPs (2*m*n*k per product) of one :func:`orthogonalize` call on ``shape`` with ``method``.
+
+    Mirrors the kernels product by product, so it equals ``FlopCounterMode``'s count; elementwise
+    work (norms, scaling) is not counted. ``method`` must already be resolved (not ``'auto'``).
+    """
+    if method not in NS_METHODS or method == "auto":
+        raise ValueError(
+            f"ns_flops needs a resolved method, got {method!r}; expected one of {NS_METHODS[:-1]} "
+            "(call resolve_ns_method for 'auto')."
+        )
+    if len(shape) < 2:
+        raise ValueError(f"ns_flops needs a [..., m, n] shape, got {tuple(shape)}.")
+    _check_steps_and_coefficients(steps, DEFAULT_NS_COEFFICIENTS)
+    batch = math.prod(shape[:-2])
+    n, m = sorted(shape[-2:])  # n: short side, m: long side
+    wide_product = 2 * n * n * m  # XX^T, BX, QX
+    square_product = 2 * n * n * n  # RR, ZQ, ZR
+    if method != "gram" or m == n:
+        return batch * steps * (2 * wide_product + square_product)
+    total = wide_product  # R = XX^T
+    for i in range(steps):
+        if i == _GRAM_RESTART_AT:
+            total += 2 * wide_product  # X = QX, R = XX^T
+        total += square_product  # bR + cR^2
+        if i != 0 and i != _GRAM_RESTART_AT:
+            total += square_product  # Q = aQ + ZQ
+        if i < steps - 1 and i + 1 != _GRAM_RESTART_AT:
+            total += 2 * square_product  # R = P(PR)
+    total += wide_product  # X = QX
+    return batch * total
