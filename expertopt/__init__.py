@@ -10,6 +10,17 @@ from expertopt.param_groups import Rule, build_param_groups, is_expert_param
 
 __version__ = "0.1.0"
 
+
+def initialize(*args, **kwargs):
+    """``deepspeed.initialize`` with expertopt's optimizer; see :mod:`expertopt.integrations.deepspeed`.
+
+    Imports deepspeed on call, so ``import expertopt`` stays free of it.
+    """
+    from expertopt.integrations.deepspeed import initialize as _initialize
+
+    return _initialize(*args, **kwargs)
+
+
 __all__ = [
     "LINKED_KEYS",
     "AdamW",
@@ -19,6 +30,7 @@ __all__ = [
     "__version__",
     "build_param_groups",
     "effective_lr",
+    "initialize",
     "is_expert_param",
     "orthogonalize",
 ]

@@ -124,6 +124,18 @@ class GroupedOptimizer(Optimizer):
     def _init_state(self, group: dict[str, Any], param: Tensor, position: int) -> None:
         raise NotImplementedError
 
+    def rebind_state(self) -> None:
+        """Re-create state for the tensors the groups hold now.
+
+        For engines (ZeRO-1/2) that replace each group's parameters with a flat partition after
+        the optimizer was built: state must be keyed by what ``state_dict`` will find in the groups.
+        """
+        self.state.clear()
+        for index, group in enumerate(self.param_groups):
+            self._complete_group(group, group_label(group, index))
+            for position, param in enumerate(group["params"]):
+                self._init_state(group, param, position)
+
     # -- checkpoints -------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then re-complete groups and fill state a checkpoint lacked (e.g. torch.optim.Muon's

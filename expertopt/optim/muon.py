@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from expertopt.distributed.step import ShardedMatrices, sharded_muon_step
 from expertopt.kernels import (
     DEFAULT_EPS,
     DEFAULT_NS_COEFFICIENTS,
@@ -107,6 +108,8 @@ class Muon(GroupedOptimizer):
         if adjust_lr_fn not in ADJUST_LR_FNS:
             raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
         self.adamw_defaults = {"betas": betas, "eps": adamw_eps, "fused": fused, "foreach": foreach}
+        # Flat ZeRO partitions standing in for whole matrices, by id (see attach_shards).
+        self.shards: dict[int, ShardedMatrices] = {}
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -163,7 +166,7 @@ class Muon(GroupedOptimizer):
         if heads is not None and not (isinstance(heads, int) and heads >= 1):
             raise ValueError(f"num_heads must be a positive int or None, got {heads!r} ({where})")
         for position, param in enumerate(group["params"]):
-            if param.ndim < 2:
+            if param.ndim < 2 and id(param) not in self.shards:
                 raise ValueError(
                     f"{param_label(group, position, param)} is {param.ndim}-D and cannot be in a Muon "
                     f"group ({where}): Muon orthogonalizes matrices. Move it to a group with "
@@ -186,20 +189,38 @@ class Muon(GroupedOptimizer):
 
     def _step_muon_group(self, group: dict[str, Any]) -> None:
         params, grads = self._grads_of(group)
+        hyper = {
+            "lr": effective_lr(group),
+            "weight_decay": group["weight_decay"],
+            "momentum": group["momentum"],
+            "nesterov": group["nesterov"],
+            "ns_method": group["ns_method"],
+            "ns_steps": group["ns_steps"],
+            "ns_coefficients": tuple(group["ns_coefficients"]),
+            "ns_dtype": group["ns_dtype"],
+            "eps": group["eps"],
+            "adjust_lr_fn": group["adjust_lr_fn"],
+        }
+        whole = [i for i, p in enumerate(params) if id(p) not in self.shards]
         muon_step(
-            params,
-            grads,
-            [self.state[p]["momentum_buffer"] for p in params],
-            lr=effective_lr(group),
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            ns_method=group["ns_method"],
-            ns_steps=group["ns_steps"],
-            ns_coefficients=tuple(group["ns_coefficients"]),
-            ns_dtype=group["ns_dtype"],
-            eps=group["eps"],
-            adjust_lr_fn=group["adjust_lr_fn"],
+            [params[i] for i in whole],
+            [grads[i] for i in whole],
+            [self.state[params[i]]["momentum_buffer"] for i in whole],
             is_expert=group["expert"],
             num_heads=group["num_heads"],
+            **hyper,
         )
+        for param, grad in zip(params, grads, strict=True):
+            if id(param) in self.shards:
+                buffer = self.state[param]["momentum_buffer"]
+                sharded_muon_step(param, grad, buffer, self.shards[id(param)], **hyper)
+
+    # -- engines -----------------------------------------------------------------------------
+    def attach_shards(self, shards: dict[int, ShardedMatrices]) -> None:
+        """Declare flat partitions (by ``id``) that stand in for whole Muon matrices.
+
+        Called by an engine adapter (``expertopt.integrations.deepspeed``) after the engine
+        replaced each group's parameters with this rank's flat slice.
+        """
+        self.shards = dict(shards)
+        self.rebind_state()

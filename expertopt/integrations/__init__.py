@@ -1,0 +1,1 @@
+"""Engine integrations. Each module imports its engine; ``import expertopt`` imports none of them."""

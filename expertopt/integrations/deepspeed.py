@@ -1,0 +1,237 @@
+"""DeepSpeed glue: ``"optimizer": {"type": "Muon"}`` in a DeepSpeed config, at ZeRO stage 0, 1 or 2.
+
+:func:`initialize` takes and returns what ``deepspeed.initialize`` does. When the config names
+``Muon`` or ``AdamW`` it removes the optimizer block (so DeepSpeed neither builds its own Muon nor
+tags parameters ``use_muon``, which would switch on DeepSpeed's in-ZeRO Newton-Schulz), builds
+expertopt's optimizer from the model's routed param groups (after AutoEP has replaced modules),
+and, at ZeRO-1/2, tells it where each matrix lives in the flat partitions so every matrix is
+orthogonalized once by one owner inside its DP (dense) or EDP (expert) group.
+
+What DeepSpeed 0.19.8 already does right and we rely on (verified, see docs/deepspeed.md): at
+ZeRO-1/2 the optimizer receives gradients averaged over the global batch (experts included),
+averaged over micro-batches, unscaled, and clipped with the correct global norm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import deepspeed
+import deepspeed.comm as ds_dist
+import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from torch import nn
+
+from expertopt.distributed.layout import FlatLayout, matrices_of
+from expertopt.distributed.step import ShardedMatrices
+from expertopt.optim.adamw import AdamW
+from expertopt.optim.muon import Muon
+from expertopt.param_groups import build_param_groups
+
+__all__ = ["OptimizerSpec", "attach", "initialize", "parse_optimizer_config"]
+
+# Keys of "optimizer": {"params": {...}} and where each goes: the group builder or the optimizer.
+_GROUP_KEYS = {
+    "lr",
+    "muon_lr",
+    "adamw_lr",
+    "adam_lr",
+    "weight_decay",
+    "adamw_weight_decay",
+    "expert_lr_mult",
+    "router",
+}
+_MUON_KEYS = {"momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "ns_coefficients", "adjust_lr_fn", "eps",
+              "betas", "adamw_eps"}  # fmt: skip
+_ADAMW_KEYS = {"betas", "eps", "amsgrad"}
+_ADAMW_GROUP_KEYS = {"lr", "weight_decay", "expert_lr_mult"}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A parsed ``"optimizer"`` block: which class, group-builder options, optimizer options."""
+
+    kind: str  # "muon" or "adamw"
+    group_options: dict[str, Any] = field(default_factory=dict)
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
+    """Parse ``{"type": "Muon"|"AdamW", "params": {...}}``; None for any other type (DeepSpeed's own).
+
+    An unknown key is an error, never ignored.
+    """
+    kind = str(block.get("type", "")).lower()
+    if kind not in ("muon", "adamw"):
+        return None
+    unknown_block = set(block) - {"type", "params"}
+    if unknown_block:
+        raise ValueError(f'"optimizer" has unknown key(s) {sorted(unknown_block)}; allowed: "type", "params"')
+    params = dict(block.get("params", {}))
+    group_keys, optimizer_keys = (
+        (_GROUP_KEYS, _MUON_KEYS) if kind == "muon" else (_ADAMW_GROUP_KEYS, _ADAMW_KEYS)
+    )
+    unknown = set(params) - group_keys - optimizer_keys
+    if unknown:
+        raise ValueError(
+            f'"optimizer.params" for {block["type"]} has unknown key(s) {sorted(unknown)}; '
+            f"allowed: {sorted(group_keys | optimizer_keys)}"
+        )
+    groups = {k: v for k, v in params.items() if k in group_keys}
+    if kind == "muon":
+        if "muon_lr" in groups:
+            groups["lr"] = groups.pop("muon_lr")
+        if "adam_lr" in groups:
+            groups["adamw_lr"] = groups.pop("adam_lr")
+    else:  # one lr for every group; weight decay on matrices and embeddings alike
+        groups.setdefault("lr", 1e-3)
+        groups["adamw_lr"] = groups["lr"]
+        if "weight_decay" in groups:
+            groups["adamw_weight_decay"] = groups["weight_decay"]
+    return OptimizerSpec(kind, groups, {k: v for k, v in params.items() if k in optimizer_keys})
+
+
+def _load_config(config: str | dict[str, Any] | None, args: Any) -> dict[str, Any] | None:
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as handle:
+            return json.load(handle)
+    return None if config is None else dict(config)
+
+
+def _build_groups(model: nn.Module, spec: OptimizerSpec, stage: int) -> list[dict[str, Any]]:
+    """expertopt's routed groups; at ZeRO-1/2 DeepSpeed MoE experts are split into EDP groups."""
+    groups = build_param_groups(model, **spec.group_options)
+    if spec.kind == "adamw":
+        for group in groups:
+            group["use_muon"] = False
+    if stage in (1, 2) and any(is_moe_param(p) for g in groups for p in g["params"]):
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in groups:
+            group.pop("param_names")  # split_params... copies the list into every split group
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        groups = [g for g in groups if g["params"]]
+        for group in groups:
+            group["param_names"] = [names[id(p)] for p in group["params"]]
+    return groups
+
+
+def _check_supported(config: dict[str, Any], model: nn.Module) -> int:
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:
+        raise NotImplementedError(
+            "expertopt's DeepSpeed glue supports ZeRO stages 0, 1 and 2; ZeRO-3 is not implemented yet. "
+            'Set "zero_optimization": {"stage": 2} or use DeepSpeed\'s own optimizer'
+        )
+    has_experts = any(is_moe_param(p) for p in model.parameters())
+    if stage == 0 and has_experts and config.get("gradient_clipping", 1.0) > 0:
+        # DeepSpeed 0.19.8 clips at stage 0 with the mean of per-rank norms, which counts each
+        # rank's local experts only (F4): refuse rather than clip with a wrong norm.
+        raise ValueError(
+            "ZeRO stage 0 with expert parallelism clips gradients with a wrong global norm in DeepSpeed "
+            '0.19.8 (mean of per-rank norms); use "zero_optimization": {"stage": 1} or 2, or set '
+            '"gradient_clipping": 0'
+        )
+    return stage
+
+
+def initialize(
+    args: Any = None,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    config: str | dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """``deepspeed.initialize`` with expertopt's Muon / AdamW when the config names one.
+
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
+    """
+    loaded = _load_config(config, args)
+    block = (loaded or {}).get("optimizer")
+    spec = parse_optimizer_config(block) if block else None
+    if spec is not None:
+        if optimizer is not None:
+            raise ValueError(
+                f'the DeepSpeed config names "optimizer": {block["type"]!r} and an optimizer was passed too; '
+                "keep one of them"
+            )
+        if model is None:
+            raise ValueError("expertopt.initialize needs the model to route its parameters")
+        stage = _check_supported(loaded, model)
+        loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
+        loaded["zero_allow_untested_optimizer"] = True
+        optimizer = _optimizer_factory(model, spec, stage, model_parameters)
+        model_parameters = None
+    engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        config=loaded if loaded is not None else config, **kwargs,
+    )  # fmt: skip
+    attach(engine)
+    return engine, engine_optimizer, loader, scheduler
+
+
+def _optimizer_factory(
+    model: nn.Module, spec: OptimizerSpec, stage: int, model_parameters: Any
+) -> Callable[[Any], Muon | AdamW]:
+    """A callable DeepSpeed calls after AutoEP has replaced modules, so groups see the final model."""
+    cls = Muon if spec.kind == "muon" else AdamW
+
+    def build(_params: Any) -> Muon | AdamW:
+        groups = list(model_parameters) if model_parameters is not None else _build_groups(model, spec, stage)
+        return cls(groups, **spec.optimizer_options)
+
+    return build
+
+
+def attach(engine: Any) -> None:
+    """Register each Muon group's flat ZeRO-1/2 partition with expertopt's optimizer.
+
+    A no-op when the engine's optimizer is not expertopt's or when no ZeRO-1/2 partitioning is in
+    play (stage 0 steps whole matrices).
+    """
+    optimizer = getattr(engine, "basic_optimizer", None)
+    if not isinstance(optimizer, (Muon, AdamW)):
+        return
+    tagged = [p for g in optimizer.param_groups for p in g["params"] if getattr(p, "use_muon", False)]
+    if tagged:
+        raise ValueError(
+            "parameters carry DeepSpeed's `use_muon` tag, which switches on DeepSpeed's own Newton-Schulz "
+            'inside ZeRO; do not set "type": "muon" for DeepSpeed and expertopt at once'
+        )
+    zero = engine.optimizer
+    if not isinstance(zero, DeepSpeedZeroOptimizer):
+        if type(zero).__name__ == "BF16_Optimizer":
+            raise NotImplementedError(
+                "DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1 and fp32 gradient accumulation) is not "
+                'supported yet; use "zero_optimization": {"stage": 2} with bf16'
+            )
+        return
+    if not isinstance(optimizer, Muon):
+        optimizer.rebind_state()  # AdamW is elementwise: the flat partitions are all it needs
+        return
+    shards = {}
+    for index, group in enumerate(optimizer.param_groups):
+        if not group["use_muon"]:
+            continue
+        process_group = zero.real_dp_process_group[index]
+        params = zero.round_robin_bit16_groups[index]
+        layout = FlatLayout(
+            matrices_of(
+                [p.shape for p in params],
+                list(zero.round_robin_bit16_offsets[index]),
+                is_expert=group["expert"],
+                num_heads=group["num_heads"],
+            ),
+            int(zero.partition_size[index]),
+            ds_dist.get_world_size(group=process_group),
+        )
+        flat = zero.single_partition_of_fp32_groups[index]
+        shards[id(flat)] = ShardedMatrices(layout, dist.get_rank(group=process_group), process_group)
+    optimizer.attach_shards(shards)
