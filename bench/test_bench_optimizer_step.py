@@ -322,7 +322,7 @@ def test_profile(model: str, name: str) -> None:
 
 # expertopt's step, phase by phase: (module, function) wrapped with a perf_counter timer.
 PHASE_FUNCTIONS = {
-    "non-finite guard (all_finite)": (expertopt.optim._base, "all_finite"),
+    "non-finite guard (finite_flag)": (expertopt.optim._base, "finite_flag"),
     "Muon groups (muon_step: momentum, bucketing, NS, update)": (expertopt.optim.muon, "muon_step"),
     "Newton-Schulz (orthogonalize, incl. normalize and casts)": (expertopt.updates.muon, "orthogonalize"),
     "AdamW groups (step_adamw_group)": (expertopt.optim.muon, "step_adamw_group"),

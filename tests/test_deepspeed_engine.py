@@ -155,3 +155,31 @@ def test_zero3_and_double_optimizer_are_refused():
         expertopt.initialize(
             model=ToyMoE(), optimizer=torch.optim.SGD(ToyMoE().parameters(), lr=0.1), config=_config(0)
         )
+
+
+def _nonfinite_on_one_partition(rank: int, world_size: int) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine = _engine(_config(2, gradient_clipping=0.0))
+    _train(engine, rank, range(1))
+    before = _weights(engine)
+    zero = engine.optimizer
+    # The first parameter of the first Muon group lives at the start of rank 0's partition only.
+    group = next(i for i, g in enumerate(engine.basic_optimizer.param_groups) if g["use_muon"])
+    poisoned = zero.round_robin_bit16_groups[group][0]
+    poisoned.register_hook(lambda grad: grad * float("nan"))
+    _train(engine, rank, range(1, 2))
+    return {
+        # DeepSpeed 0.19.8's ZeRO-1/2 checks for overflow itself; expertopt's guard is the backstop.
+        "skipped": engine.skipped_steps + engine.basic_optimizer.nonfinite_steps,
+        "unchanged": all(torch.equal(a, b) for a, b in zip(before, _weights(engine), strict=True)),
+        "holds_poison": zero.round_robin_bit16_offsets[group][0] < zero.partition_size[group] * (rank + 1)
+        and rank == 0,
+    }
+
+
+def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere():
+    results = run_ranks(_nonfinite_on_one_partition, 2)
+    assert [r["holds_poison"] for r in results] == [True, False]
+    assert all(r["skipped"] >= 1 and r["unchanged"] for r in results), results

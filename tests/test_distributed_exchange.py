@@ -71,3 +71,33 @@ def test_owners_are_balanced_and_prefer_holders():
 def test_layout_rejects_overlaps():
     with pytest.raises(ValueError, match="overlaps another or runs past the flat buffer"):
         FlatLayout(matrices_of([torch.Size((4, 4))] * 2, [0, 10]), 16, 2)
+
+
+def _sharded_muon_with_nan_on_rank0(rank: int, world_size: int) -> dict:
+    import warnings
+
+    import expertopt
+    from expertopt.distributed.step import ShardedMatrices
+
+    layout = _layout(world_size)
+    flat = torch.nn.Parameter(
+        _flat_update(layout)[rank * layout.partition_size : (rank + 1) * layout.partition_size]
+    )
+    optimizer = expertopt.Muon([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "expert": True}])
+    optimizer.param_groups[0]["params"] = [flat]  # as ZeRO does after building the optimizer
+    optimizer.attach_shards({id(flat): ShardedMatrices(layout, rank)})
+    optimizer.skip_agreement = True
+    flat.grad = torch.randn(flat.shape)
+    if rank == 0:
+        flat.grad[0] = float("nan")
+    before = flat.detach().clone()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        optimizer.step()  # without agreement rank 1 would wait in all_to_all for rank 0 forever
+    flat.grad = torch.randn(flat.shape)
+    return {"skipped": optimizer.nonfinite_steps, "unchanged": torch.equal(before, flat.detach())}
+
+
+def test_ranks_agree_to_skip_a_nonfinite_step():
+    results = run_ranks(_sharded_muon_with_nan_on_rank0, 2)
+    assert results == [{"skipped": 1, "unchanged": True}] * 2

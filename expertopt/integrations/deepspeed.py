@@ -213,6 +213,8 @@ def attach(engine: Any) -> None:
                 'supported yet; use "zero_optimization": {"stage": 2} with bf16'
             )
         return
+    # Each rank sees only its partition of the gradients: agree on skipping a non-finite step.
+    optimizer.skip_agreement = True
     if not isinstance(optimizer, Muon):
         optimizer.rebind_state()  # AdamW is elementwise: the flat partitions are all it needs
         return

@@ -17,13 +17,14 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
     "GroupedOptimizer",
-    "all_finite",
     "effective_lr",
+    "finite_flag",
     "group_label",
     "param_label",
     "skip_nonfinite_step",
@@ -197,9 +198,17 @@ class GroupedOptimizer(Optimizer):
 def skip_nonfinite_step(owner: Any, grads: list[Tensor]) -> bool:
     """True (and counted in ``owner.nonfinite_steps``, and warned) when a gradient holds inf/NaN.
 
-    One host sync per step: the price of never folding a bad gradient into momentum (F10).
+    One host sync per step: the price of never folding a bad gradient into momentum (F10). When
+    ``owner.skip_agreement`` is set (an engine adapter sets it under sharding, where each rank
+    sees only its own partition of the gradients) the ranks agree first, so that none of them
+    skips a step, and its collectives, that another one takes.
     """
-    if not owner.skip_nonfinite or all_finite(grads):
+    if not owner.skip_nonfinite:
+        return False
+    finite = finite_flag(grads)
+    if getattr(owner, "skip_agreement", False):
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if bool(finite):
         return False
     owner.nonfinite_steps += 1
     warnings.warn(
@@ -211,14 +220,14 @@ def skip_nonfinite_step(owner: Any, grads: list[Tensor]) -> bool:
     return True
 
 
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element of every tensor is finite: one fused norm kernel and one host sync.
+def finite_flag(tensors: list[Tensor]) -> Tensor:
+    """1.0 if every element of every tensor is finite, else 0.0: one fused norm kernel.
 
     Norms are accumulated in fp32 so finite fp16 gradients cannot overflow into a false alarm;
     inf and NaN propagate into the norm. A finite gradient whose norm exceeds fp32's range
     (~3e38) counts as non-finite too: such a step would be garbage anyway.
     """
     if not tensors:
-        return True
+        return torch.ones(())
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return bool(torch.stack(norms).isfinite().all())
+    return torch.stack(norms).isfinite().all().float()
