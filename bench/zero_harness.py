@@ -32,6 +32,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -147,7 +148,9 @@ class CommCounter:
     """Counts collectives per ``(phase, source, op, group size, dtype)`` while ``phase`` is set.
 
     ``records[key] = [calls, payload_bytes, wire_bytes]``. Set ``counter.phase`` (any string)
-    to count, ``None`` to stop; :meth:`during` does both.
+    to count, ``None`` to stop; :meth:`during` does both. Set ``counter.seconds`` to a dict to
+    also accumulate the wall time spent inside each collective (waiting for slower ranks
+    included) under ``"source.op"``.
     """
 
     def __init__(self) -> None:
@@ -155,6 +158,8 @@ class CommCounter:
             lambda: [0, 0, 0.0]
         )
         self.phase: str | None = None
+        # When a dict: seconds spent inside each collective (outermost calls), counted or not.
+        self.seconds: dict[str, float] | None = None
         self._local = threading.local()
         self._installed = False
 
@@ -191,10 +196,14 @@ class CommCounter:
             if depth == 0 and self.phase is not None:
                 self._record(signature, args, kwargs, name, argument, kind, source)
             self._local.depth = depth + 1
+            start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
                 self._local.depth = depth
+                if depth == 0 and self.seconds is not None:
+                    key = f"{source}.{name}"
+                    self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
 
         wrapped.__wrapped__ = original  # type: ignore[attr-defined]
         return wrapped

@@ -6,14 +6,19 @@
 Muon), trains a few warm-up steps, then counts on a few more steps:
 
 - collectives (``bench.zero_harness.CommCounter``) by phase: ``fwd`` (MoE dispatch only),
-  ``bwd`` (MoE all-to-all backward, plus ZeRO's gradient reduction), ``step`` (everything in
-  ``engine.step``: ZeRO-1's reduction, expertopt's exchange, the parameter all-gather, norms);
+  ``bwd`` (MoE all-to-all backward, plus ZeRO-1/2's gradient reduction, which both stages run at
+  the end of backward on an accumulation boundary), ``step`` (everything in ``engine.step``:
+  expertopt's exchange, the parameter all-gather, norms and flags);
 - Newton-Schulz matmul FLOPs (``FlopCounterMode``) inside DeepSpeed's ``muon_update`` (it runs in
   ZeRO's gradient epilogue, on every rank holding part of a matrix) and inside expertopt's
   ``orthogonalize_updates`` (on the owner only);
 
+- expertopt's owner plan (``_plan_summary``) and a locality-first alternative
+  (:func:`locality_owners`), both from expertopt's own layouts, to size fixes of the exchange;
+
 then times whole training iterations (forward, backward, step), interleaved round by round over
-the cases that have ``timed=True`` so load changes hit all of them alike.
+the cases that have ``timed=True`` so load changes hit all of them alike, with the wall time spent
+inside collectives and inside Newton-Schulz.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.zero_harness import CommCounter
 
-__all__ = ["Case", "ModelSpec", "ZeroMoE", "measure", "muon_matrix_shapes"]
+__all__ = ["Case", "ModelSpec", "ZeroMoE", "locality_owners", "measure", "muon_matrix_shapes"]
 
 LR, ADAMW_LR, WEIGHT_DECAY, MOMENTUM = 0.02, 3e-4, 0.1, 0.95
 
@@ -95,7 +100,9 @@ class ZeroMoE(nn.Module):
             x, aux = block(x)
             aux_total = aux_total + aux
         logits = self.lm_head(self.norm(x))
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, self.spec.vocab), tokens[:, 1:].reshape(-1))
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, self.spec.vocab), tokens[:, 1:].reshape(-1)
+        )
         return loss + 0.01 * aux_total
 
 
@@ -121,12 +128,16 @@ class Case:
     zero: dict[str, Any] = field(default_factory=dict)
     timed: bool = False
     bf16: bool = False
+    ns_dtype: str | None = None  # expertopt's Newton-Schulz dtype (None: its default, bf16 on CPU)
     spec: ModelSpec = ModelSpec()
 
 
 def _config(case: Case) -> dict[str, Any]:
     if case.optimizer == "ds_adamw":
-        optimizer = {"type": "AdamW", "params": {"lr": ADAMW_LR, "weight_decay": WEIGHT_DECAY, "torch_adam": True}}
+        optimizer = {
+            "type": "AdamW",
+            "params": {"lr": ADAMW_LR, "weight_decay": WEIGHT_DECAY, "torch_adam": True},
+        }
     elif case.optimizer == "ds_muon":
         optimizer = {
             "type": "Muon",
@@ -140,6 +151,8 @@ def _config(case: Case) -> dict[str, Any]:
             "type": "Muon",
             "params": {"lr": LR, "adamw_lr": ADAMW_LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
         }
+        if case.ns_dtype:
+            optimizer["params"]["ns_dtype"] = case.ns_dtype
     config = {
         "train_micro_batch_size_per_gpu": case.spec.batch,
         "gradient_accumulation_steps": 1,
@@ -161,11 +174,17 @@ class _NSFlops:
         self.flops = 0
         self.calls = 0
         self.on = False
+        self.seconds: float | None = None  # when a float: wall time inside the wrapped calls
 
     def wrap(self, fn):
         def counted(*args: Any, **kwargs: Any) -> Any:
             if not self.on:
-                return fn(*args, **kwargs)
+                if self.seconds is None:
+                    return fn(*args, **kwargs)
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.seconds += time.perf_counter() - start
+                return out
             counter = FlopCounterMode(display=False)
             with counter:
                 out = fn(*args, **kwargs)
@@ -315,7 +334,9 @@ def measure(rank: int, world_size: int, cases: list[Case], warmup: int, counted:
         ns.on = False
         # Same optimizer, stage, dtype and model under another comm config must train the same.
         params = _flat_params(engine)
-        reference = references.setdefault((case.optimizer, case.stage, case.bf16, case.spec), params)
+        reference = references.setdefault(
+            (case.optimizer, case.stage, case.bf16, case.ns_dtype, case.spec), params
+        )
         zero = engine.optimizer
         groups = engine.basic_optimizer.param_groups
         results["cases"][case.label] = {
@@ -340,12 +361,18 @@ def measure(rank: int, world_size: int, cases: list[Case], warmup: int, counted:
         else:
             del engine
     # Whole iterations, interleaved round by round over the timed cases; one warm-up round.
+    # Also the time inside collectives and inside Newton-Schulz, summed over the timed rounds.
+    results["inside"] = {label: {"ns": 0.0} for label in engines}
     for label in engines:
         results["times"][label] = []
     for r in range(rounds + 1):
         for label, (case, engine, step) in engines.items():
             dist.barrier()
+            inside = results["inside"][label]
+            counter.seconds, ns.seconds = (inside, 0.0) if r > 0 else (None, None)
             elapsed = _train_step(engine, _tokens(case, rank, step + r), None)
             if r > 0:
+                inside["ns"] += ns.seconds
                 results["times"][label].append(elapsed)
+            counter.seconds = ns.seconds = None
     return results
