@@ -148,22 +148,28 @@ def test_optimizer_params_are_routed():
     assert parse_optimizer_config({"type": "Adam"}) is None  # DeepSpeed's own optimizers pass through
 
 
-def test_zero3_and_double_optimizer_are_refused():
+def test_zero3_double_optimizer_and_no_grad_norm_are_refused():
     with pytest.raises(NotImplementedError, match="ZeRO-3 is not implemented yet"):
         expertopt.initialize(model=ToyMoE(), config=_config(3))
+    no_norm = _config(2, gradient_clipping=0.0)
+    no_norm["zero_optimization"]["compute_grad_norm"] = False
+    with pytest.raises(ValueError, match='remove "compute_grad_norm"'):
+        expertopt.initialize(model=ToyMoE(), config=no_norm)
     with pytest.raises(ValueError, match="an optimizer was passed too"):
         expertopt.initialize(
             model=ToyMoE(), optimizer=torch.optim.SGD(ToyMoE().parameters(), lr=0.1), config=_config(0)
         )
 
 
-def _nonfinite_on_one_partition(rank: int, world_size: int) -> dict:
-    import deepspeed
+def _optimizer_state(engine) -> list[torch.Tensor]:
+    state = engine.basic_optimizer.state
+    return [v.clone() for s in state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    engine = _engine(_config(2, gradient_clipping=0.0))
+
+def _poisoned_step(rank: int, **extra) -> dict:
+    engine = _engine(_config(2, **extra))
     _train(engine, rank, range(1))
-    before = _weights(engine)
+    before, state_before = _weights(engine), _optimizer_state(engine)
     zero = engine.optimizer
     # The first parameter of the first Muon group lives at the start of rank 0's partition only.
     group = next(i for i, g in enumerate(engine.basic_optimizer.param_groups) if g["use_muon"])
@@ -171,15 +177,37 @@ def _nonfinite_on_one_partition(rank: int, world_size: int) -> dict:
     poisoned.register_hook(lambda grad: grad * float("nan"))
     _train(engine, rank, range(1, 2))
     return {
-        # DeepSpeed 0.19.8's ZeRO-1/2 checks for overflow itself; expertopt's guard is the backstop.
-        "skipped": engine.skipped_steps + engine.basic_optimizer.nonfinite_steps,
-        "unchanged": all(torch.equal(a, b) for a, b in zip(before, _weights(engine), strict=True)),
+        "deepspeed_skipped": engine.skipped_steps,
+        "expertopt_skipped": engine.basic_optimizer.nonfinite_steps,
+        "weights_unchanged": all(torch.equal(a, b) for a, b in zip(before, _weights(engine), strict=True)),
+        "state_unchanged": all(
+            torch.equal(a, b) for a, b in zip(state_before, _optimizer_state(engine), strict=True)
+        ),
         "holds_poison": zero.round_robin_bit16_offsets[group][0] < zero.partition_size[group] * (rank + 1)
         and rank == 0,
     }
 
 
+def _nonfinite_on_one_partition(rank: int, world_size: int) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    return {
+        "fp32": _poisoned_step(rank, gradient_clipping=0.0),
+        # DeepSpeed 0.19.8 steps on non-finite gradients here; expertopt must skip, everywhere.
+        "bf16_unchecked": _poisoned_step(rank, bf16={"enabled": True, "check_grad_overflow": False}),
+    }
+
+
 def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere():
     results = run_ranks(_nonfinite_on_one_partition, 2)
-    assert [r["holds_poison"] for r in results] == [True, False]
-    assert all(r["skipped"] >= 1 and r["unchanged"] for r in results), results
+    for case in ("fp32", "bf16_unchecked"):
+        ranks = [r[case] for r in results]
+        assert [r["holds_poison"] for r in ranks] == [True, False], case
+        assert all(r["weights_unchanged"] and r["state_unchanged"] for r in ranks), (case, ranks)
+    # fp32: DeepSpeed skips by itself and expertopt's guard never sees the step.
+    assert [r["fp32"]["deepspeed_skipped"] for r in results] == [1, 1]
+    # bf16 unchecked: DeepSpeed steps; expertopt skips every group on every rank, on DeepSpeed's
+    # global norm, and counts one step although DeepSpeed steps the optimizer group by group.
+    assert [r["bf16_unchecked"]["deepspeed_skipped"] for r in results] == [0, 0]
+    assert [r["bf16_unchecked"]["expertopt_skipped"] for r in results] == [1, 1]

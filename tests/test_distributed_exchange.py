@@ -78,6 +78,12 @@ def _sharded_muon_with_nan_on_rank0(rank: int, world_size: int) -> dict:
 
     import expertopt
     from expertopt.distributed.step import ShardedMatrices
+    from expertopt.optim._base import finite_flag
+
+    def _agreed_finite(grads: list[torch.Tensor]) -> bool:  # what an engine adapter provides
+        finite = finite_flag(grads)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite)
 
     layout = _layout(world_size)
     flat = torch.nn.Parameter(
@@ -86,7 +92,7 @@ def _sharded_muon_with_nan_on_rank0(rank: int, world_size: int) -> dict:
     optimizer = expertopt.Muon([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "expert": True}])
     optimizer.param_groups[0]["params"] = [flat]  # as ZeRO does after building the optimizer
     optimizer.attach_shards({id(flat): ShardedMatrices(layout, rank)})
-    optimizer.skip_agreement = True
+    optimizer.shared_finite_check = lambda grads: (_agreed_finite(grads), None)
     flat.grad = torch.randn(flat.shape)
     if rank == 0:
         flat.grad[0] = float("nan")
@@ -101,3 +107,32 @@ def _sharded_muon_with_nan_on_rank0(rank: int, world_size: int) -> dict:
 def test_ranks_agree_to_skip_a_nonfinite_step():
     results = run_ranks(_sharded_muon_with_nan_on_rank0, 2)
     assert results == [{"skipped": 1, "unchanged": True}] * 2
+
+
+def test_whole_matrices_stay_home_within_the_balance_budget():
+    # 8 equal matrices, 2 whole ones in each of 4 partitions: nothing needs to travel.
+    shapes = [torch.Size((4, 4))] * 8
+    layout = FlatLayout(matrices_of(shapes, [16 * i for i in range(8)]), 32, 4)
+    assert assign_owners(layout) == (0, 0, 1, 1, 2, 2, 3, 3)
+    for rank in range(4):
+        plan = plan_exchange(layout, assign_owners(layout), rank)
+        assert plan.send_sizes[rank] == sum(plan.send_sizes) == 32  # every piece goes to itself
+
+
+def test_idle_ranks_take_matrices_past_the_budget():
+    # Four equal matrices all held by ranks 0 and 1 (ranks 2 and 3 hold padding only): keeping
+    # them home would double those ranks' Newton-Schulz work, past the 1.15x budget.
+    layout = FlatLayout(matrices_of([torch.Size((8, 8))] * 4, [0, 64, 128, 192]), 128, 4)
+    owners = assign_owners(layout)
+    assert sorted(owners) == [0, 1, 2, 3]
+    assert owners[0] in (0, 2, 3) and owners[2] in (1, 2, 3)
+
+
+def test_reply_travels_in_the_newton_schulz_dtype():
+    from expertopt.distributed.step import ShardedMatrices
+
+    shard = ShardedMatrices(_layout(2), 0)
+    like = torch.zeros(1)
+    assert shard.reply_dtype("standard", "auto", like) == torch.bfloat16  # bf16 on CPU: exact, half the bytes
+    assert shard.reply_dtype("standard", "float32", like) == torch.float32
+    assert shard.reply_dtype("gram", "auto", like) == torch.float32  # gram runs in fp32 on CPU

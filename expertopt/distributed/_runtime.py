@@ -26,12 +26,16 @@ def exchange_orthogonalize(
     plan: ExchangePlan,
     orthogonalize_fn: Callable[[list[Tensor]], list[Tensor]],
     group: dist.ProcessGroup | None = None,
+    reply_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Orthogonalize every matrix of ``layout`` once; return this rank's slice of the result.
 
     ``local`` is this rank's flat partition of the update; the result has its shape, with the
-    orthogonalized values at matrix elements and zeros at padding.
+    orthogonalized values at matrix elements and zeros at padding. ``reply_dtype``: the dtype of
+    the return trip; the Newton-Schulz compute dtype (bf16) carries its output exactly at half
+    the bytes of fp32.
     """
+    reply_dtype = reply_dtype or local.dtype
     send = _gather_pieces(local, plan.send_pieces)
     received = local.new_empty(sum(plan.recv_sizes))
     dist.all_to_all_single(received, send, list(plan.recv_sizes), list(plan.send_sizes), group=group)
@@ -44,15 +48,10 @@ def exchange_orthogonalize(
         position += hi - lo
     results = orthogonalize_fn([flat.view(m.rows, m.cols) for flat, m in zip(owned, matrices, strict=True)])
 
-    reply = (
-        torch.cat([results[slot].reshape(-1)[lo:hi] for slot, lo, hi in plan.recv_pieces])
-        if plan.recv_pieces
-        else local.new_empty(0)
-    )
-    returned = local.new_empty(sum(plan.send_sizes))
-    dist.all_to_all_single(
-        returned, reply.to(local.dtype), list(plan.send_sizes), list(plan.recv_sizes), group=group
-    )
+    pieces = [results[slot].reshape(-1)[lo:hi] for slot, lo, hi in plan.recv_pieces]
+    reply = torch.cat(pieces).to(reply_dtype) if pieces else local.new_empty(0, dtype=reply_dtype)
+    returned = local.new_empty(sum(plan.send_sizes), dtype=reply_dtype)
+    dist.all_to_all_single(returned, reply, list(plan.send_sizes), list(plan.recv_sizes), group=group)
 
     out = torch.zeros_like(local)
     position = 0

@@ -18,6 +18,7 @@ from torch import Tensor
 from expertopt.distributed._plan import ExchangePlan, assign_owners, plan_exchange
 from expertopt.distributed._runtime import exchange_orthogonalize
 from expertopt.distributed.layout import FlatLayout
+from expertopt.kernels import resolve_ns_dtype, resolve_ns_method
 from expertopt.updates.muon import adjusted_lr, blend_momentum, orthogonalize_updates
 
 __all__ = ["ShardedMatrices", "sharded_muon_step"]
@@ -42,6 +43,20 @@ class ShardedMatrices:
     @property
     def owned_matrices(self) -> int:
         return len(self.plan.owned)
+
+    def reply_dtype(self, ns_method: str, ns_dtype: str | torch.dtype, like: Tensor) -> torch.dtype:
+        """The Newton-Schulz compute dtype when all matrices share one narrower than ``like``'s:
+        the orthogonalized pieces travel back in it without loss. Otherwise ``like.dtype``."""
+        dtypes = {
+            resolve_ns_dtype(
+                ns_dtype, like.device, resolve_ns_method(ns_method, (m.rows, m.cols), like.device)
+            )
+            for m in self.layout.matrices
+        }
+        if len(dtypes) != 1:
+            return like.dtype
+        dtype = dtypes.pop()
+        return dtype if dtype.itemsize < like.dtype.itemsize else like.dtype
 
     def lr_scales(self, adjust_lr_fn: str | None, like: Tensor) -> Tensor:
         """Per-element AdjustLR factor of this rank's slice (0 at padding), cached per rule."""
@@ -83,7 +98,10 @@ def sharded_muon_step(
             matrices, method=ns_method, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype
         )
 
-    update = exchange_orthogonalize(direction, shard.layout, shard.plan, orthogonalize_owned, shard.group)
+    reply_dtype = shard.reply_dtype(ns_method, ns_dtype, param)
+    update = exchange_orthogonalize(
+        direction, shard.layout, shard.plan, orthogonalize_owned, shard.group, reply_dtype
+    )
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     param.addcmul_(update, shard.lr_scales(adjust_lr_fn, param), value=-lr)

@@ -24,11 +24,13 @@ import deepspeed
 import deepspeed.comm as ds_dist
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.utils import is_invalid_grad_norm
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import nn
 
 from expertopt.distributed.layout import FlatLayout, matrices_of
 from expertopt.distributed.step import ShardedMatrices
+from expertopt.optim._base import SharedFiniteCheck
 from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
 from expertopt.param_groups import build_param_groups
@@ -50,6 +52,11 @@ _MUON_KEYS = {"momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "ns_c
               "betas", "adamw_eps"}  # fmt: skip
 _ADAMW_KEYS = {"betas", "eps", "amsgrad"}
 _ADAMW_GROUP_KEYS = {"lr", "weight_decay", "expert_lr_mult"}
+_NEEDS_GRAD_NORM = (
+    '"zero_optimization": {"compute_grad_norm": false} is not supported with expertopt\'s optimizers: '
+    "at ZeRO-1/2 every rank skips a non-finite step on DeepSpeed's global gradient norm, so that all "
+    'ranks and groups decide alike; remove "compute_grad_norm" (default true)'
+)
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,8 @@ def _check_supported(config: dict[str, Any], model: nn.Module) -> int:
             "expertopt's DeepSpeed glue supports ZeRO stages 0, 1 and 2; ZeRO-3 is not implemented yet. "
             'Set "zero_optimization": {"stage": 2} or use DeepSpeed\'s own optimizer'
         )
+    if stage in (1, 2) and config["zero_optimization"].get("compute_grad_norm", True) is False:
+        raise ValueError(_NEEDS_GRAD_NORM)
     has_experts = any(is_moe_param(p) for p in model.parameters())
     if stage == 0 and has_experts and config.get("gradient_clipping", 1.0) > 0:
         # DeepSpeed 0.19.8 clips at stage 0 with the mean of per-rank norms, which counts each
@@ -167,6 +176,12 @@ def initialize(
         stage = _check_supported(loaded, model)
         loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
         loaded["zero_allow_untested_optimizer"] = True
+        if stage in (1, 2):
+            # One reduce per partition owner moves half the gradient bytes of DeepSpeed's default
+            # bucket all-reduce (docs/benchmarks.md, ZeRO section); an explicit user value wins.
+            zero = dict(loaded["zero_optimization"])
+            zero.setdefault("use_multi_rank_bucket_allreduce", False)
+            loaded["zero_optimization"] = zero
         optimizer = _optimizer_factory(model, spec, stage, model_parameters)
         model_parameters = None
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
@@ -188,6 +203,21 @@ def _optimizer_factory(
         return cls(groups, **spec.optimizer_options)
 
     return build
+
+
+def _shared_finite_check(engine: Any, zero: DeepSpeedZeroOptimizer) -> SharedFiniteCheck:
+    """The rank-identical "all gradients finite" verdict for a sharded step, keyed by engine step.
+
+    Each rank sees only its own partition of the gradients, and DeepSpeed steps the optimizer
+    one group at a time, so a local check would let ranks, or groups, disagree. DeepSpeed 0.19.8
+    skips a non-finite step itself in fp32, fp16 and bf16 with ``check_grad_overflow`` (the
+    default), but steps on it in bf16 without. Its global gradient norm, computed before the
+    first group steps (all-reduced; inf on every rank when any gradient is non-finite), is the
+    verdict for every group at no extra communication.
+    """
+    if not zero.compute_grad_norm:
+        raise ValueError(_NEEDS_GRAD_NORM)
+    return lambda _grads: (not is_invalid_grad_norm(zero._global_grad_norm), engine.global_steps)
 
 
 def attach(engine: Any) -> None:
@@ -213,8 +243,7 @@ def attach(engine: Any) -> None:
                 'supported yet; use "zero_optimization": {"stage": 2} with bf16'
             )
         return
-    # Each rank sees only its partition of the gradients: agree on skipping a non-finite step.
-    optimizer.skip_agreement = True
+    optimizer.shared_finite_check = _shared_finite_check(engine, zero)
     if not isinstance(optimizer, Muon):
         optimizer.rebind_state()  # AdamW is elementwise: the flat partitions are all it needs
         return

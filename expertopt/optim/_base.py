@@ -14,15 +14,16 @@ What lives here, once:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
     "GroupedOptimizer",
+    "SharedFiniteCheck",
     "effective_lr",
     "finite_flag",
     "group_label",
@@ -80,6 +81,8 @@ class GroupedOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, skip_nonfinite: bool = True) -> None:
         self.skip_nonfinite = skip_nonfinite
         self.nonfinite_steps = 0
+        # Set by engine adapters when each rank holds only a partition of the gradients (ZeRO-1/2).
+        self.shared_finite_check: SharedFiniteCheck | None = None
         super().__init__(params, defaults)
 
     # -- groups ------------------------------------------------------------------------------
@@ -156,7 +159,7 @@ class GroupedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._skip_nonfinite(self.all_grads()):
+        if not skip_nonfinite_step(self, self.all_grads()):
             self._step_groups()
         return loss
 
@@ -191,25 +194,30 @@ class GroupedOptimizer(Optimizer):
                 grads.append(param.grad)
         return grads
 
-    def _skip_nonfinite(self, grads: list[Tensor]) -> bool:
-        return skip_nonfinite_step(self, grads)
+
+SharedFiniteCheck = Callable[[list[Tensor]], tuple[bool, Hashable]]
+"""``check(local_grads) -> (finite, step)``: the verdict "every gradient on every rank is finite",
+identical on all ranks, and an id of the optimizer step it belongs to; calls with the same id are
+groups of one step (DeepSpeed's ZeRO steps the optimizer one group at a time)."""
 
 
 def skip_nonfinite_step(owner: Any, grads: list[Tensor]) -> bool:
     """True (and counted in ``owner.nonfinite_steps``, and warned) when a gradient holds inf/NaN.
 
-    One host sync per step: the price of never folding a bad gradient into momentum (F10). When
-    ``owner.skip_agreement`` is set (an engine adapter sets it under sharding, where each rank
-    sees only its own partition of the gradients) the ranks agree first, so that none of them
-    skips a step, and its collectives, that another one takes.
+    One host sync per step: the price of never folding a bad gradient into momentum (F10). Under
+    sharding (``owner.shared_finite_check`` set by an engine adapter) every rank takes the same
+    decision, so that none skips a step, and its collectives, that another one takes, and no
+    partition of a model steps while another stands still.
     """
     if not owner.skip_nonfinite:
         return False
-    finite = finite_flag(grads)
-    if getattr(owner, "skip_agreement", False):
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if bool(finite):
+    check = getattr(owner, "shared_finite_check", None)
+    finite, step = check(grads) if check is not None else (bool(finite_flag(grads)), None)
+    if finite:
         return False
+    if step is not None and step == getattr(owner, "_skipped_step", None):
+        return True  # another group of a step already counted (engines step group by group)
+    owner._skipped_step = step
     owner.nonfinite_steps += 1
     warnings.warn(
         f"{type(owner).__name__}: non-finite gradient, step skipped; parameters and optimizer state "
