@@ -12,9 +12,7 @@ Muon), trains a few warm-up steps, then counts on a few more steps:
 - Newton-Schulz matmul FLOPs (``FlopCounterMode``) inside DeepSpeed's ``muon_update`` (it runs in
   ZeRO's gradient epilogue, on every rank holding part of a matrix) and inside expertopt's
   ``orthogonalize_updates`` (on the owner only);
-
-- expertopt's owner plan (``_plan_summary``) and a locality-first alternative
-  (:func:`locality_owners`), both from expertopt's own layouts, to size fixes of the exchange;
+- expertopt's owner plan (``_plan_summary``): what its exchange must send, to check the count;
 
 then times whole training iterations (forward, backward, step), interleaved round by round over
 the cases that have ``timed=True`` so load changes hit all of them alike, with the wall time spent
@@ -34,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.zero_harness import CommCounter
 
-__all__ = ["Case", "ModelSpec", "ZeroMoE", "locality_owners", "measure", "muon_matrix_shapes"]
+__all__ = ["Case", "ModelSpec", "ZeroMoE", "measure", "muon_matrix_shapes"]
 
 LR, ADAMW_LR, WEIGHT_DECAY, MOMENTUM = 0.02, 3e-4, 0.1, 0.95
 
@@ -249,55 +247,33 @@ def _train_step(engine: Any, tokens: torch.Tensor, counter: CommCounter | None) 
     return t1 - t0, t2 - t1, t3 - t2
 
 
-def locality_owners(layout: Any, slack: float = 1.15) -> tuple[int, ...]:
-    """An alternative owner plan (not expertopt's): keep each matrix with the rank holding most
-    of it unless that rank would exceed ``slack`` times its fair share of the group's
-    Newton-Schulz FLOPs; then the least-loaded rank (expertopt's rule). Largest matrices first.
-    """
-    from expertopt.kernels import ns_flops
-
-    costs = [ns_flops((m.rows, m.cols), method="standard") for m in layout.matrices]
-    cap = slack * sum(costs) / layout.world_size
-    loads = [0] * layout.world_size
-    owners = [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        held = [layout.piece(index, r)[1] - layout.piece(index, r)[0] for r in range(layout.world_size)]
-        fits = [r for r in range(layout.world_size) if loads[r] + costs[index] <= cap]
-        if fits:
-            owner = max(fits, key=lambda r: (held[r], -loads[r], -r))
-        else:
-            owner = min(range(layout.world_size), key=lambda r: (loads[r], -held[r], r))
-        owners[index] = owner
-        loads[owner] += costs[index]
-    return tuple(owners)
-
-
 def _plan_summary(engine: Any) -> dict[str, int]:
-    """expertopt's owner plan on this rank, and the locality-first alternative, from the layouts.
+    """expertopt's owner plan on this rank, from its layouts.
 
-    ``*_sent``: Muon-matrix elements of this rank's partitions whose owner is another rank (the
-    exchange sends them out and receives as many back); ``*_flops``: Newton-Schulz FLOPs of the
-    matrices this rank owns.
+    ``sent``: Muon-matrix elements of this rank's partitions whose owner is another rank;
+    ``wire``: the bytes the exchange must send for them (out in the partition's dtype, back in
+    the reply dtype); ``flops``: Newton-Schulz FLOPs of the matrices this rank owns.
     """
     from expertopt.kernels import ns_flops
 
-    summary = dict.fromkeys(
-        ("owned", "held", "plan_sent", "plan_flops", "local_sent", "local_flops", "straddling"), 0
-    )
-    for shard in getattr(engine.basic_optimizer, "shards", {}).values():
-        layout, rank = shard.layout, shard.rank
-        alternative = locality_owners(layout)
-        for index, matrix in enumerate(layout.matrices):
-            lo, hi = layout.piece(index, rank)
-            cost = ns_flops((matrix.rows, matrix.cols), method="standard")
-            summary["held"] += hi - lo
-            summary["straddling"] += (hi - lo) if len(layout.holders(index)) > 1 else 0
-            for name, owners in (("plan", shard.owners), ("local", alternative)):
-                if owners[index] != rank:
-                    summary[f"{name}_sent"] += hi - lo
+    optimizer = engine.basic_optimizer
+    summary = dict.fromkeys(("held", "straddling", "sent", "wire", "flops"), 0)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            shard = getattr(optimizer, "shards", {}).get(id(param))
+            if shard is None:
+                continue
+            layout, rank = shard.layout, shard.rank
+            reply = shard.reply_dtype(group["ns_method"], group["ns_dtype"], param)
+            for index, matrix in enumerate(layout.matrices):
+                lo, hi = layout.piece(index, rank)
+                summary["held"] += hi - lo
+                summary["straddling"] += (hi - lo) if len(layout.holders(index)) > 1 else 0
+                if shard.owners[index] != rank:
+                    summary["sent"] += hi - lo
+                    summary["wire"] += (hi - lo) * (param.element_size() + reply.itemsize)
                 else:
-                    summary[f"{name}_flops"] += cost
-            summary["owned"] += shard.owners[index] == rank
+                    summary["flops"] += ns_flops((matrix.rows, matrix.cols), method="standard")
     return summary
 
 

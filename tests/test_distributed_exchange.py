@@ -117,6 +117,27 @@ def test_whole_matrices_stay_home_within_the_balance_budget():
     for rank in range(4):
         plan = plan_exchange(layout, assign_owners(layout), rank)
         assert plan.send_sizes[rank] == sum(plan.send_sizes) == 32  # every piece goes to itself
+        assert plan.local_only
+
+
+def test_local_only_plans_run_without_collectives():
+    # No process group exists here: any collective would raise. Each "rank" orthogonalizes its
+    # own two whole matrices, and the result equals the single-process kernel.
+    shapes = [torch.Size((4, 4))] * 8
+    layout = FlatLayout(matrices_of(shapes, [16 * i for i in range(8)]), 32, 4)
+    full = _flat_update(layout)
+    owners = assign_owners(layout)
+    for rank in range(4):
+        local = full[rank * 32 : (rank + 1) * 32].clone()
+        out = exchange_orthogonalize(
+            local, layout, plan_exchange(layout, owners, rank), lambda ms: [orthogonalize(m) for m in ms]
+        )
+        for m in layout.matrices[2 * rank : 2 * rank + 2]:
+            expected = orthogonalize(full[m.start : m.end].view(m.rows, m.cols)).reshape(-1)
+            assert torch.equal(out[m.start - rank * 32 : m.end - rank * 32], expected)
+    # One straddling matrix anywhere makes every rank exchange.
+    straddling = FlatLayout(matrices_of([torch.Size((4, 6))] * 2, [0, 24]), 16, 3)
+    assert not any(plan_exchange(straddling, assign_owners(straddling), r).local_only for r in range(3))
 
 
 def test_idle_ranks_take_matrices_past_the_budget():

@@ -49,6 +49,8 @@ class ExchangePlan:
     ``send_sizes[d]``: elements sent to rank ``d``. ``recv_pieces``: ``(slot, lo, hi)`` = where
     each received run goes inside the owned matrix ``owned[slot]``, ordered by source;
     ``recv_sizes[s]``: elements received from rank ``s``. The return trip swaps the two.
+    ``local_only``: no rank sends anything to another (every matrix lies wholly with its owner),
+    the same on every rank, so all of them can skip the all-to-all calls together.
     """
 
     owned: tuple[int, ...]
@@ -56,6 +58,7 @@ class ExchangePlan:
     send_sizes: tuple[int, ...]
     recv_pieces: tuple[tuple[int, int, int], ...]
     recv_sizes: tuple[int, ...]
+    local_only: bool = False
 
 
 def plan_exchange(layout: FlatLayout, owners: tuple[int, ...], rank: int) -> ExchangePlan:
@@ -85,4 +88,7 @@ def plan_exchange(layout: FlatLayout, owners: tuple[int, ...], rank: int) -> Exc
                 recv_pieces.append((slot, lo - start, hi - start))
                 size += hi - lo
         recv_sizes.append(size)
-    return ExchangePlan(owned, tuple(send_pieces), tuple(send_sizes), tuple(recv_pieces), tuple(recv_sizes))
+    local_only = all(layout.holders(index) == [owner] for index, owner in enumerate(owners))
+    return ExchangePlan(
+        owned, tuple(send_pieces), tuple(send_sizes), tuple(recv_pieces), tuple(recv_sizes), local_only
+    )

@@ -1,6 +1,7 @@
 """The only collectives of distributed Muon: gather each matrix to its owner and scatter back.
 
-Two ``all_to_all_single`` calls per flat group and step: every rank sends the pieces of the
+Two ``all_to_all_single`` calls per flat group and step (none when every matrix lies wholly
+with its owner): every rank sends the pieces of the
 momentum-blended update it holds to the matrices' owners, owners orthogonalize their matrices
 in batched calls, and send each rank back exactly the pieces it holds. Bytes per rank: twice
 its partition of Muon matrices (minus what stays home), independent of the world size.
@@ -37,8 +38,11 @@ def exchange_orthogonalize(
     """
     reply_dtype = reply_dtype or local.dtype
     send = _gather_pieces(local, plan.send_pieces)
-    received = local.new_empty(sum(plan.recv_sizes))
-    dist.all_to_all_single(received, send, list(plan.recv_sizes), list(plan.send_sizes), group=group)
+    if plan.local_only:  # every rank keeps what it holds: no collective at all
+        received = send
+    else:
+        received = local.new_empty(sum(plan.recv_sizes))
+        dist.all_to_all_single(received, send, list(plan.recv_sizes), list(plan.send_sizes), group=group)
 
     matrices = [layout.matrices[index] for index in plan.owned]
     owned = [local.new_empty(m.numel) for m in matrices]
@@ -50,8 +54,11 @@ def exchange_orthogonalize(
 
     pieces = [results[slot].reshape(-1)[lo:hi] for slot, lo, hi in plan.recv_pieces]
     reply = torch.cat(pieces).to(reply_dtype) if pieces else local.new_empty(0, dtype=reply_dtype)
-    returned = local.new_empty(sum(plan.send_sizes), dtype=reply_dtype)
-    dist.all_to_all_single(returned, reply, list(plan.send_sizes), list(plan.recv_sizes), group=group)
+    if plan.local_only:
+        returned = reply
+    else:
+        returned = local.new_empty(sum(plan.send_sizes), dtype=reply_dtype)
+        dist.all_to_all_single(returned, reply, list(plan.send_sizes), list(plan.recv_sizes), group=group)
 
     out = torch.zeros_like(local)
     position = 0
