@@ -211,3 +211,13 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere():
     # global norm, and counts one step although DeepSpeed steps the optimizer group by group.
     assert [r["bf16_unchecked"]["deepspeed_skipped"] for r in results] == [0, 0]
     assert [r["bf16_unchecked"]["expertopt_skipped"] for r in results] == [1, 1]
+
+
+def test_zero0_newton_schulz_mode_is_checked():
+    spec = parse_optimizer_config({"type": "Muon", "params": {"zero0_newton_schulz": "redundant"}})
+    assert spec.engine_options == {"zero0_newton_schulz": "redundant"}
+    assert spec.optimizer_options == {}
+    with pytest.raises(ValueError, match=r"zero0_newton_schulz\" must be one of \('owners', 'redundant'\)"):
+        parse_optimizer_config({"type": "Muon", "params": {"zero0_newton_schulz": "owner"}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['zero0_newton_schulz'\]"):
+        parse_optimizer_config({"type": "AdamW", "params": {"zero0_newton_schulz": "owners"}})

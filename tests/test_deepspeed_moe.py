@@ -289,6 +289,19 @@ def _run_case(rank: int, ep_size: int, kind: str, stage: int, accumulation: int,
                     captured[id(param)] = param.grad.detach().clone()
 
     engine.basic_optimizer.register_step_pre_hook(capture)
+    # Matrices this rank orthogonalizes inside the engine's optimizer steps (not the reference's):
+    # every Newton-Schulz path (whole, sharded, replicated) calls this module's kernel.
+    counting = {"on": False, "matrices": 0}
+    kernel = expertopt.updates.muon.orthogonalize
+
+    def counted_kernel(x, *args, **kwargs):
+        if counting["on"]:
+            counting["matrices"] += x.reshape(-1, *x.shape[-2:]).shape[0]
+        return kernel(x, *args, **kwargs)
+
+    expertopt.updates.muon.orthogonalize = counted_kernel
+    engine.basic_optimizer.register_step_pre_hook(lambda *_: counting.update(on=True))
+    engine.basic_optimizer.register_step_post_hook(lambda *_: counting.update(on=False))
     gradient_errors = []
     for step in range(STEPS):
         captured.clear()
@@ -317,6 +330,7 @@ def _run_case(rank: int, ep_size: int, kind: str, stage: int, accumulation: int,
     for name, param in ref_params.items():
         kind_ = "expert" if ".experts." in name else "dense"
         moved[kind_] = max(moved[kind_], (param.detach() - initial[name]).abs().max().item())
+    expertopt.updates.muon.orthogonalize = kernel
     shards = getattr(engine.basic_optimizer, "shards", {})
     routing = {
         name: (group["use_muon"], group["expert"])
@@ -329,17 +343,56 @@ def _run_case(rank: int, ep_size: int, kind: str, stage: int, accumulation: int,
         "gradient_error": {k: max(e[k] for e in gradient_errors) for k in ("dense", "expert")},
         "moved": moved,
         "owned": sum(s.owned_matrices for s in shards.values()),
+        "ns_matrices_per_step": counting["matrices"] / STEPS,
         "ref_norm": ref_norm,
         "ds_norm": float(engine.get_global_grad_norm()) if stage in (1, 2) else None,
     }
 
 
-def _train_and_compare(rank: int, world_size: int, ep_size: int, cases: list[tuple]) -> dict:
+def _train_and_compare(rank: int, world_size: int, ep_size: int, cases: list[tuple], directory: str) -> dict:
     import deepspeed
 
     assert world_size == WORLD
     deepspeed.init_distributed(dist_backend="gloo")
-    return {case: _run_case(rank, ep_size, *case) for case in cases}
+    results = {case: _run_case(rank, ep_size, *case) for case in cases}
+    if ep_size == 2:
+        results["reshard"] = {
+            stage: _load_at_another_ep(rank, stage, f"{directory}/s{stage}") for stage in (0, 2)
+        }
+    return results
+
+
+def _one_step_engine(rank: int, ep_size: int, stage: int, steps: int = 1):
+    torch.manual_seed(0)
+    engine, *_ = expertopt.initialize(model=_Net(ep_size), config=_ds_config("Muon", stage, 1, 0.0))
+    if not steps:
+        return engine
+    x, y = _global_batch(0, 0)
+    rows = slice(rank * TOKENS, (rank + 1) * TOKENS)
+    engine.backward(_loss(engine, x[rows], y[rows]))
+    engine.step()
+    return engine
+
+
+def _load_at_another_ep(rank: int, stage: int, directory: str) -> dict:
+    """Save at EP=2, load at EP=4 (same world, same ZeRO stage): a clear error for the optimizer
+    state (F9); the weights alone still load."""
+    saved = _one_step_engine(rank, 2, stage)
+    saved.save_checkpoint(directory, tag="t")
+    other = _one_step_engine(rank, 4, stage)
+    try:
+        other.load_checkpoint(directory, tag="t")
+        error = None
+    except ValueError as caught:
+        error = str(caught)
+    fresh = _one_step_engine(rank, 4, stage, steps=0)  # initial weights: only a load moves them
+    path, _ = fresh.load_checkpoint(
+        directory, tag="t", load_optimizer_states=False, load_lr_scheduler_states=False
+    )
+    dense = {n: p for n, p in saved.module.named_parameters() if ".experts." not in n}
+    loaded = {n: p for n, p in fresh.module.named_parameters() if ".experts." not in n}
+    same = all(torch.equal(dense[n], loaded[n]) for n in dense)
+    return {"error": error, "weights_loaded": path is not None and same}
 
 
 CASES = [
@@ -350,9 +403,14 @@ CASES = [
 ] + [("Muon", 2, 1, 0.05)]  # clipping active: the reference's global norm is ~1-2
 
 
-@pytest.mark.parametrize("ep_size", [1, 2, 4], ids=lambda ep: f"ep{ep}")
-def test_expert_parallel_matches_single_process_reference(ep_size):
-    per_rank = run_ranks(_train_and_compare, WORLD, ep_size, CASES)
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda ep: f"ep{ep}")
+def expert_parallel_run(request, tmp_path_factory):
+    ep_size = request.param
+    return ep_size, run_ranks(_train_and_compare, WORLD, ep_size, CASES, str(tmp_path_factory.mktemp("ckpt")))
+
+
+def test_expert_parallel_matches_single_process_reference(expert_parallel_run):
+    ep_size, per_rank = expert_parallel_run
     for case in CASES:
         results = [r[case] for r in per_rank]
         print(
@@ -387,6 +445,11 @@ def test_expert_parallel_matches_single_process_reference(ep_size):
                 assert result["ds_norm"] == pytest.approx(result["ref_norm"], rel=1e-5), (ep_size, case)
         if clipping:
             assert min(r["ref_norm"] for r in results) > 2 * clipping, "clipping was not active"
+        if kind == "Muon":
+            # Newton-Schulz runs once per matrix across the world, at ZeRO-0 too (owners, then an
+            # all-gather): dense matrices once over DP, each EDP group's experts once over EDP.
+            counts = [r["ns_matrices_per_step"] for r in results]
+            assert sum(counts) == DENSE_MUON_MATRICES + EXPERT_MUON_MATRICES, (ep_size, case, counts)
         if kind == "Muon" and stage in (1, 2):
             # Each Muon matrix has one owner. Dense matrices are sharded over all 4 ranks; each EDP
             # group ([0,1,2,3] at EP=1, [0,2] and [1,3] at EP=2, single ranks at EP=4) holds a
@@ -394,6 +457,18 @@ def test_expert_parallel_matches_single_process_reference(ep_size):
             # EDP groups hold every global expert once: dense + all global expert matrices.
             owned = sum(r["owned"] for r in results)
             assert owned == DENSE_MUON_MATRICES + EXPERT_MUON_MATRICES, (ep_size, case, owned)
+
+
+def test_loading_optimizer_state_at_another_ep_size_is_a_clear_error(expert_parallel_run):
+    ep_size, per_rank = expert_parallel_run
+    if ep_size != 2:
+        pytest.skip("checked in the EP=2 launch (saved at EP=2, loaded at EP=4)")
+    for stage in (0, 2):
+        for result in (r["reshard"][stage] for r in per_rank):
+            assert result["error"] is not None, f"ZeRO-{stage}: loaded optimizer state across EP sizes"
+            assert "expert_groups: saved ['ep_size_2'], now ['ep_size_4']" in result["error"]
+            assert "load_optimizer_states=False" in result["error"]
+            assert result["weights_loaded"], f"ZeRO-{stage}: weights-only load failed (dense weights differ)"
 
 
 @pytest.mark.parametrize("config", [{"gradient_clipping": 1.0}, {}], ids=["clip1", "default_clip"])

@@ -157,3 +157,34 @@ def test_reply_travels_in_the_newton_schulz_dtype():
     assert shard.reply_dtype("standard", "auto", like) == torch.bfloat16  # bf16 on CPU: exact, half the bytes
     assert shard.reply_dtype("standard", "float32", like) == torch.float32
     assert shard.reply_dtype("gram", "auto", like) == torch.float32  # gram runs in fp32 on CPU
+
+
+def _replicated_vs_local(rank: int, world_size: int) -> dict:
+    from expertopt.distributed.replicated import ReplicaGroup, replicated_muon_step
+    from expertopt.updates.muon import muon_step
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (3, 6, 4), (8, 8)]  # a 2-D weight, 3 stacked experts, a square weight
+    params = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [torch.randn(s, generator=generator) for s in shapes]
+    hyper = dict(
+        lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_method="standard", ns_steps=5,
+        ns_coefficients=(3.4445, -4.775, 2.0315), ns_dtype=torch.float32, eps=1e-7, adjust_lr_fn=None,
+    )  # fmt: skip
+    local = [p.clone() for p in params]
+    muon_step(local, grads, [torch.zeros_like(g) for g in grads], is_expert=True, **hyper)
+    replicated_muon_step(
+        params, grads, [torch.zeros_like(g) for g in grads], ReplicaGroup(), is_expert=True, **hyper
+    )
+    return {
+        "params": params,
+        "error": max((a - b).abs().max().item() for a, b in zip(params, local, strict=True)),
+    }
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_replicated_step_equals_local_step_on_every_rank(world_size):
+    results = run_ranks(_replicated_vs_local, world_size)
+    assert max(r["error"] for r in results) < 1e-6  # fp32: batching differences only
+    for other in results[1:]:  # every rank applies the same gathered bits
+        assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], other["params"], strict=True))

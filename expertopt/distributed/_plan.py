@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from expertopt.distributed.layout import FlatLayout
 from expertopt.kernels import ns_flops
 
-__all__ = ["ExchangePlan", "assign_owners", "plan_exchange"]
+__all__ = ["ExchangePlan", "assign_owners", "balance_owners", "plan_exchange"]
 
 DEFAULT_SLACK = 1.15
 
@@ -36,6 +36,18 @@ def assign_owners(
             owner = home
         else:
             owner = min(range(layout.world_size), key=lambda r: (loads[r], held[r][0] - held[r][1], r))
+        owners[index] = owner
+        loads[owner] += costs[index]
+    return tuple(owners)
+
+
+def balance_owners(costs: list[int], world_size: int) -> tuple[int, ...]:
+    """Owner of each of ``costs`` (replicated data: no locality to keep), longest processing time
+    first onto the least-loaded rank; ties to the lower rank, so every rank computes the same."""
+    loads = [0] * world_size
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner = min(range(world_size), key=lambda r: (loads[r], r))
         owners[index] = owner
         loads[owner] += costs[index]
     return tuple(owners)

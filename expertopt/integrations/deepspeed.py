@@ -14,6 +14,7 @@ averaged over micro-batches, unscaled, and clipped with the correct global norm.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import nn
 
 from expertopt.distributed.layout import FlatLayout, matrices_of
+from expertopt.distributed.replicated import ReplicaGroup
 from expertopt.distributed.step import ShardedMatrices
 from expertopt.optim._base import SharedFiniteCheck
 from expertopt.optim.adamw import AdamW
@@ -52,6 +54,9 @@ _MUON_KEYS = {"momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "ns_c
               "betas", "adamw_eps"}  # fmt: skip
 _ADAMW_KEYS = {"betas", "eps", "amsgrad"}
 _ADAMW_GROUP_KEYS = {"lr", "weight_decay", "expert_lr_mult"}
+# Keys for the engine glue itself: how ZeRO-0 runs Newton-Schulz (see _attach_replicas).
+_ENGINE_KEYS = {"zero0_newton_schulz"}
+ZERO0_MODES = ("owners", "redundant")
 _NEEDS_GRAD_NORM = (
     '"zero_optimization": {"compute_grad_norm": false} is not supported with expertopt\'s optimizers: '
     "at ZeRO-1/2 every rank skips a non-finite step on DeepSpeed's global gradient norm, so that all "
@@ -66,6 +71,7 @@ class OptimizerSpec:
     kind: str  # "muon" or "adamw"
     group_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
@@ -83,11 +89,18 @@ def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
     group_keys, optimizer_keys = (
         (_GROUP_KEYS, _MUON_KEYS) if kind == "muon" else (_ADAMW_GROUP_KEYS, _ADAMW_KEYS)
     )
-    unknown = set(params) - group_keys - optimizer_keys
+    engine_keys = _ENGINE_KEYS if kind == "muon" else set()
+    unknown = set(params) - group_keys - optimizer_keys - engine_keys
     if unknown:
         raise ValueError(
             f'"optimizer.params" for {block["type"]} has unknown key(s) {sorted(unknown)}; '
-            f"allowed: {sorted(group_keys | optimizer_keys)}"
+            f"allowed: {sorted(group_keys | optimizer_keys | engine_keys)}"
+        )
+    engine = {k: params[k] for k in engine_keys if k in params}
+    if engine.get("zero0_newton_schulz", "owners") not in ZERO0_MODES:
+        raise ValueError(
+            f'"optimizer.params.zero0_newton_schulz" must be one of {ZERO0_MODES}, '
+            f"got {engine['zero0_newton_schulz']!r}"
         )
     groups = {k: v for k, v in params.items() if k in group_keys}
     if kind == "muon":
@@ -100,7 +113,7 @@ def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
         groups["adamw_lr"] = groups["lr"]
         if "weight_decay" in groups:
             groups["adamw_weight_decay"] = groups["weight_decay"]
-    return OptimizerSpec(kind, groups, {k: v for k, v in params.items() if k in optimizer_keys})
+    return OptimizerSpec(kind, groups, {k: v for k, v in params.items() if k in optimizer_keys}, engine)
 
 
 def _load_config(config: str | dict[str, Any] | None, args: Any) -> dict[str, Any] | None:
@@ -188,7 +201,7 @@ def initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         config=loaded if loaded is not None else config, **kwargs,
     )  # fmt: skip
-    attach(engine)
+    attach(engine, **(spec.engine_options if spec is not None else {}))
     return engine, engine_optimizer, loader, scheduler
 
 
@@ -220,15 +233,115 @@ def _shared_finite_check(engine: Any, zero: DeepSpeedZeroOptimizer) -> SharedFin
     return lambda _grads: (not is_invalid_grad_norm(zero._global_grad_norm), engine.global_steps)
 
 
-def attach(engine: Any) -> None:
-    """Register each Muon group's flat ZeRO-1/2 partition with expertopt's optimizer.
+def _attach_replicas(engine: Any, optimizer: Muon) -> None:
+    """ZeRO-0: every rank of a group's gradient all-reduce holds the same gradients and momentum,
+    so each Muon matrix can be orthogonalized by one owner there and the results all-gathered
+    (``zero0_newton_schulz: "owners"``) instead of on every rank ("redundant")."""
+    from deepspeed.utils import groups
 
-    A no-op when the engine's optimizer is not expertopt's or when no ZeRO-1/2 partitioning is in
-    play (stage 0 steps whole matrices).
+    if engine.mpu is not None:
+        dense = ReplicaGroup(engine.mpu.get_data_parallel_group())
+    else:
+        dense = ReplicaGroup(groups._get_sequence_data_parallel_group())  # what the engine reduces over
+    experts: dict[str, ReplicaGroup] = {}
+    replicas = {}
+    for group in optimizer.param_groups:
+        if not group["use_muon"]:
+            continue
+        for param in group["params"]:
+            if is_moe_param(param):
+                name = param.group_name
+                if name not in experts:
+                    experts[name] = ReplicaGroup(groups._get_expert_data_parallel_group(name))
+                replicas[id(param)] = experts[name]
+            else:
+                replicas[id(param)] = dense
+    optimizer.attach_replicas(replicas)
+
+
+TOPOLOGY_FILE = "expertopt_topology.json"
+
+
+def topology(engine: Any) -> dict[str, Any]:
+    """What expertopt's optimizer state depends on: it is partitioned by these, so a checkpoint
+    only resumes under the same values."""
+    stage = engine.zero_optimization_stage()
+    return {
+        "world_size": ds_dist.get_world_size(),
+        "data_parallel_size": engine.dp_world_size,
+        "expert_groups": sorted({p.group_name for p in engine.module.parameters() if is_moe_param(p)}),
+        "optimizer_state": "flat ZeRO partitions" if stage in (1, 2) else "whole parameters",
+    }
+
+
+def _save_with_topology(engine: Any, save: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(save)
+    def save_checkpoint(save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"  # DeepSpeed's default
+        result = save(save_dir, tag, *args, **kwargs)
+        if ds_dist.get_rank() == 0:
+            with open(os.path.join(save_dir, tag, TOPOLOGY_FILE), "w") as handle:
+                json.dump(topology(engine), handle, indent=1)
+        ds_dist.barrier()
+        return result
+
+    return save_checkpoint
+
+
+def _load_checking_topology(engine: Any, load: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(load)
+    def load_checkpoint(load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        optimizer_too = kwargs.get("load_optimizer_states", True) and not kwargs.get(
+            "load_module_only", False
+        )
+        if optimizer_too and not args:
+            check_topology(engine, load_dir, tag)
+        return load(load_dir, tag, *args, **kwargs)
+
+    return load_checkpoint
+
+
+def check_topology(engine: Any, load_dir: str, tag: Any = None) -> None:
+    """Refuse, with the fix, to load optimizer state saved under another topology (F9).
+
+    DeepSpeed 0.19.8 fails on such a checkpoint with messages that do not name the cause
+    (parameter alignment, group sizes, missing files), and a layout that happened to match would
+    load momentum into the wrong matrices. Checkpoints without expertopt's record pass through.
+    """
+    if tag is None:
+        latest = os.path.join(load_dir, "latest")
+        if not os.path.isfile(latest):
+            return
+        with open(latest) as handle:
+            tag = handle.read().strip()
+    path = os.path.join(load_dir, str(tag), TOPOLOGY_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        saved = json.load(handle)
+    current = topology(engine)
+    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if changed:
+        details = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"checkpoint {os.path.join(load_dir, str(tag))} holds expertopt optimizer state for another "
+            f"topology ({details}). Optimizer state cannot be resharded yet: resume with the saved "
+            "world size, expert-parallel sizes and ZeRO stage family, or load the weights only with "
+            "engine.load_checkpoint(..., load_optimizer_states=False, load_lr_scheduler_states=False)"
+        )
+
+
+def attach(engine: Any, zero0_newton_schulz: str = "owners") -> None:
+    """Register each Muon group's flat ZeRO-1/2 partition (or, at ZeRO-0, its replica process
+    group) with expertopt's optimizer, and record and check the topology in checkpoints.
+
+    A no-op when the engine's optimizer is not expertopt's.
     """
     optimizer = getattr(engine, "basic_optimizer", None)
     if not isinstance(optimizer, (Muon, AdamW)):
         return
+    engine.save_checkpoint = _save_with_topology(engine, engine.save_checkpoint)
+    engine.load_checkpoint = _load_checking_topology(engine, engine.load_checkpoint)
     tagged = [p for g in optimizer.param_groups for p in g["params"] if getattr(p, "use_muon", False)]
     if tagged:
         raise ValueError(
@@ -242,6 +355,8 @@ def attach(engine: Any) -> None:
                 "DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1 and fp32 gradient accumulation) is not "
                 'supported yet; use "zero_optimization": {"stage": 2} with bf16'
             )
+        if isinstance(optimizer, Muon) and zero0_newton_schulz == "owners":
+            _attach_replicas(engine, optimizer)
         return
     optimizer.shared_finite_check = _shared_finite_check(engine, zero)
     if not isinstance(optimizer, Muon):

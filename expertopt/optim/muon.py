@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from expertopt.distributed.replicated import ReplicaGroup, replicated_muon_step
 from expertopt.distributed.step import ShardedMatrices, sharded_muon_step
 from expertopt.kernels import (
     DEFAULT_EPS,
@@ -110,6 +111,8 @@ class Muon(GroupedOptimizer):
         self.adamw_defaults = {"betas": betas, "eps": adamw_eps, "fused": fused, "foreach": foreach}
         # Flat ZeRO partitions standing in for whole matrices, by id (see attach_shards).
         self.shards: dict[int, ShardedMatrices] = {}
+        # Whole parameters replicated over a process group (ZeRO-0), by id (see attach_replicas).
+        self.replicas: dict[int, ReplicaGroup] = {}
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -201,21 +204,42 @@ class Muon(GroupedOptimizer):
             "eps": group["eps"],
             "adjust_lr_fn": group["adjust_lr_fn"],
         }
-        whole = [i for i, p in enumerate(params) if id(p) not in self.shards]
+        local = [i for i, p in enumerate(params) if id(p) not in self.shards and id(p) not in self.replicas]
         muon_step(
-            [params[i] for i in whole],
-            [grads[i] for i in whole],
-            [self.state[params[i]]["momentum_buffer"] for i in whole],
+            [params[i] for i in local],
+            [grads[i] for i in local],
+            [self.state[params[i]]["momentum_buffer"] for i in local],
             is_expert=group["expert"],
             num_heads=group["num_heads"],
             **hyper,
         )
+        by_replicas: dict[ReplicaGroup, list[int]] = {}
+        for i, param in enumerate(params):
+            if id(param) in self.replicas:
+                by_replicas.setdefault(self.replicas[id(param)], []).append(i)
+        for replicas, indices in by_replicas.items():
+            replicated_muon_step(
+                [params[i] for i in indices],
+                [grads[i] for i in indices],
+                [self.state[params[i]]["momentum_buffer"] for i in indices],
+                replicas,
+                is_expert=group["expert"],
+                num_heads=group["num_heads"],
+                **hyper,
+            )
         for param, grad in zip(params, grads, strict=True):
             if id(param) in self.shards:
                 buffer = self.state[param]["momentum_buffer"]
                 sharded_muon_step(param, grad, buffer, self.shards[id(param)], **hyper)
 
     # -- engines -----------------------------------------------------------------------------
+    def attach_replicas(self, replicas: dict[int, ReplicaGroup]) -> None:
+        """Declare parameters (by ``id``) that every rank of a process group holds identically,
+        with identical gradients (ZeRO-0 after the engine's all-reduce): each of their matrices
+        is then orthogonalized by one owner rank and the results all-gathered, instead of on
+        every rank. Called by an engine adapter (``expertopt.integrations.deepspeed``)."""
+        self.replicas = dict(replicas)
+
     def attach_shards(self, shards: dict[int, ShardedMatrices]) -> None:
         """Declare flat partitions (by ``id``) that stand in for whole Muon matrices.
 
