@@ -380,11 +380,14 @@ def _load_at_another_ep(rank: int, stage: int, directory: str) -> dict:
     saved = _one_step_engine(rank, 2, stage)
     saved.save_checkpoint(directory, tag="t")
     other = _one_step_engine(rank, 4, stage)
-    try:
-        other.load_checkpoint(directory, tag="t")
-        error = None
-    except ValueError as caught:
-        error = str(caught)
+    errors = []
+    for args, kwargs in ((("t",), {}), (("t", True, True), {})):  # options by keyword or by position
+        try:
+            other.load_checkpoint(directory, *args, **kwargs)
+            errors.append(None)
+        except ValueError as caught:
+            errors.append(str(caught))
+    error, positional_error = errors
     fresh = _one_step_engine(rank, 4, stage, steps=0)  # initial weights: only a load moves them
     path, _ = fresh.load_checkpoint(
         directory, tag="t", load_optimizer_states=False, load_lr_scheduler_states=False
@@ -392,7 +395,7 @@ def _load_at_another_ep(rank: int, stage: int, directory: str) -> dict:
     dense = {n: p for n, p in saved.module.named_parameters() if ".experts." not in n}
     loaded = {n: p for n, p in fresh.module.named_parameters() if ".experts." not in n}
     same = all(torch.equal(dense[n], loaded[n]) for n in dense)
-    return {"error": error, "weights_loaded": path is not None and same}
+    return {"error": error, "positional_error": positional_error, "weights_loaded": path is not None and same}
 
 
 CASES = [
@@ -468,6 +471,7 @@ def test_loading_optimizer_state_at_another_ep_size_is_a_clear_error(expert_para
             assert result["error"] is not None, f"ZeRO-{stage}: loaded optimizer state across EP sizes"
             assert "expert_groups: saved ['ep_size_2'], now ['ep_size_4']" in result["error"]
             assert "load_optimizer_states=False" in result["error"]
+            assert result["positional_error"] == result["error"]
             assert result["weights_loaded"], f"ZeRO-{stage}: weights-only load failed (dense weights differ)"
 
 

@@ -15,6 +15,7 @@ averaged over micro-batches, unscaled, and clipped with the correct global norm.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -289,14 +290,16 @@ def _save_with_topology(engine: Any, save: Callable[..., Any]) -> Callable[..., 
 
 
 def _load_checking_topology(engine: Any, load: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(load)
+
     @functools.wraps(load)
-    def load_checkpoint(load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
-        optimizer_too = kwargs.get("load_optimizer_states", True) and not kwargs.get(
-            "load_module_only", False
-        )
-        if optimizer_too and not args:
-            check_topology(engine, load_dir, tag)
-        return load(load_dir, tag, *args, **kwargs)
+    def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        call = signature.bind(*args, **kwargs)  # DeepSpeed's own defaults, however passed
+        call.apply_defaults()
+        given = call.arguments
+        if given["load_optimizer_states"] and not given["load_module_only"]:
+            check_topology(engine, given["load_dir"], given["tag"])
+        return load(*args, **kwargs)
 
     return load_checkpoint
 
