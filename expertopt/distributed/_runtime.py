@@ -9,7 +9,7 @@ its partition of Muon matrices (minus what stays home), independent of the world
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -17,8 +17,22 @@ from torch import Tensor
 
 from expertopt.distributed._plan import ExchangePlan
 from expertopt.distributed.layout import FlatLayout
+from expertopt.kernels import resolve_ns_dtype, resolve_ns_method
 
-__all__ = ["exchange_orthogonalize"]
+__all__ = ["exact_wire_dtype", "exchange_orthogonalize"]
+
+
+def exact_wire_dtype(
+    ns_method: str, ns_dtype: str | torch.dtype, shapes: Iterable[tuple[int, ...]], like: Tensor
+) -> torch.dtype:
+    """The dtype Newton-Schulz output travels in: the compute dtype when every matrix shares one
+    narrower than ``like``'s (its output is exact in it, at fewer bytes), else ``like.dtype``."""
+    dtypes = {
+        resolve_ns_dtype(ns_dtype, like.device, resolve_ns_method(ns_method, shape, like.device))
+        for shape in shapes
+    }
+    dtype = dtypes.pop() if len(dtypes) == 1 else like.dtype
+    return dtype if dtype.itemsize < like.dtype.itemsize else like.dtype
 
 
 def exchange_orthogonalize(

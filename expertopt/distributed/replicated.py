@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from expertopt.distributed._plan import balance_owners
-from expertopt.kernels import ns_flops, resolve_ns_dtype, resolve_ns_method
+from expertopt.distributed._runtime import exact_wire_dtype
+from expertopt.kernels import ns_flops, resolve_ns_method
 from expertopt.updates.muon import adjusted_lr, blend_momentum, matrix_view, orthogonalize_updates
 
 __all__ = ["ReplicaGroup", "replicated_muon_step"]
@@ -80,7 +81,7 @@ def replicated_muon_step(
         method=ns_method, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype,
     )  # fmt: skip
 
-    wire = _wire_dtype(ns_method, ns_dtype, stacks, params[0])
+    wire = exact_wire_dtype(ns_method, ns_dtype, (s.shape for s in stacks), params[0])
     send = torch.zeros(width, dtype=wire, device=device)
     if results:
         packed = torch.cat([r.reshape(-1) for r in results])
@@ -117,16 +118,3 @@ def _plan(
     for (p, _), owner in zip(matrices, owners, strict=True):
         sizes[owner] += shapes[p][-2] * shapes[p][-1]
     return matrices, owners, max(sizes)
-
-
-def _wire_dtype(
-    ns_method: str, ns_dtype: str | torch.dtype, stacks: list[Tensor], like: Tensor
-) -> torch.dtype:
-    """The Newton-Schulz compute dtype when every matrix shares one narrower than the parameters
-    (its output travels exactly at fewer bytes); otherwise the parameters' dtype."""
-    dtypes = {
-        resolve_ns_dtype(ns_dtype, like.device, resolve_ns_method(ns_method, s.shape, like.device))
-        for s in stacks
-    }
-    dtype = dtypes.pop() if len(dtypes) == 1 else like.dtype
-    return dtype if dtype.itemsize < like.dtype.itemsize else like.dtype

@@ -16,9 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from expertopt.distributed._plan import ExchangePlan, assign_owners, plan_exchange
-from expertopt.distributed._runtime import exchange_orthogonalize
+from expertopt.distributed._runtime import exact_wire_dtype, exchange_orthogonalize
 from expertopt.distributed.layout import FlatLayout
-from expertopt.kernels import resolve_ns_dtype, resolve_ns_method
 from expertopt.updates.muon import adjusted_lr, blend_momentum, orthogonalize_updates
 
 __all__ = ["ShardedMatrices", "sharded_muon_step"]
@@ -45,18 +44,8 @@ class ShardedMatrices:
         return len(self.plan.owned)
 
     def reply_dtype(self, ns_method: str, ns_dtype: str | torch.dtype, like: Tensor) -> torch.dtype:
-        """The Newton-Schulz compute dtype when all matrices share one narrower than ``like``'s:
-        the orthogonalized pieces travel back in it without loss. Otherwise ``like.dtype``."""
-        dtypes = {
-            resolve_ns_dtype(
-                ns_dtype, like.device, resolve_ns_method(ns_method, (m.rows, m.cols), like.device)
-            )
-            for m in self.layout.matrices
-        }
-        if len(dtypes) != 1:
-            return like.dtype
-        dtype = dtypes.pop()
-        return dtype if dtype.itemsize < like.dtype.itemsize else like.dtype
+        """The dtype orthogonalized pieces travel back in (see ``exact_wire_dtype``)."""
+        return exact_wire_dtype(ns_method, ns_dtype, ((m.rows, m.cols) for m in self.layout.matrices), like)
 
     def lr_scales(self, adjust_lr_fn: str | None, like: Tensor) -> Tensor:
         """Per-element AdjustLR factor of this rank's slice (0 at padding), cached per rule."""
