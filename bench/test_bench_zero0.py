@@ -29,10 +29,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspe
 
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench.zero_harness import CommCounter, spawn
-from bench.zero_workload import ModelSpec, ZeroMoE, muon_matrix_shapes
+from bench.zero_workload import ModelSpec, ZeroMoE, _NSFlops, muon_matrix_shapes
 from expertopt.kernels import ns_flops
 
 MODES = ("owners", "redundant")
@@ -67,18 +66,8 @@ def _tokens(rank: int, step: int) -> torch.Tensor:
 def _measure(rank: int, world_size: int) -> dict[str, Any]:
     import expertopt.updates.muon as updates
 
-    kernel = updates.orthogonalize
-    flops = {"on": False, "count": 0}
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        if not flops["on"]:
-            return kernel(*args, **kwargs)
-        with FlopCounterMode(display=False) as counter:
-            out = kernel(*args, **kwargs)
-        flops["count"] += counter.get_total_flops()
-        return out
-
-    updates.orthogonalize = counted
+    ns = _NSFlops()  # the ZeRO-1/2 benchmark's counter, on expertopt's one Newton-Schulz kernel
+    updates.orthogonalize = ns.wrap(updates.orthogonalize)
     counter = CommCounter().install()
     engines = {mode: _engine(mode) for mode in MODES}
     result: dict[str, Any] = {mode: {"times": [], "steps": []} for mode in MODES}
@@ -88,11 +77,11 @@ def _measure(rank: int, world_size: int) -> dict[str, Any]:
             engine.step()
         engine.backward(engine(_tokens(rank, WARMUP)))
         counter.reset()
-        flops.update(on=True, count=0)
+        ns.flops, ns.on = 0, True
         with counter.during("step"):
             engine.step()
-        flops["on"] = False
-        result[mode]["ns_flops"] = flops["count"]
+        ns.on = False
+        result[mode]["ns_flops"] = ns.flops
         result[mode]["step_bytes"] = sum(wire for _, _, wire in counter.records.values())
     for r in range(ROUNDS):
         for mode, engine in engines.items():
