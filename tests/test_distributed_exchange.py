@@ -161,20 +161,20 @@ def test_reply_travels_in_the_newton_schulz_dtype():
 
 def _replicated_vs_local(rank: int, world_size: int) -> dict:
     from expertopt.distributed.replicated import ReplicaGroup, replicated_muon_step
-    from expertopt.updates.muon import muon_step
+    from expertopt.updates.muon import MuonHyperparams, muon_step
 
     generator = torch.Generator().manual_seed(0)
     shapes = [(5, 7), (3, 6, 4), (8, 8)]  # a 2-D weight, 3 stacked experts, a square weight
     params = [torch.randn(s, generator=generator) for s in shapes]
     grads = [torch.randn(s, generator=generator) for s in shapes]
-    hyper = dict(
+    hyper = MuonHyperparams(
         lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_method="standard", ns_steps=5,
         ns_coefficients=(3.4445, -4.775, 2.0315), ns_dtype=torch.float32, eps=1e-7, adjust_lr_fn=None,
     )  # fmt: skip
     local = [p.clone() for p in params]
-    muon_step(local, grads, [torch.zeros_like(g) for g in grads], is_expert=True, **hyper)
+    muon_step(local, grads, [torch.zeros_like(g) for g in grads], hyper, is_expert=True)
     replicated_muon_step(
-        params, grads, [torch.zeros_like(g) for g in grads], ReplicaGroup(), is_expert=True, **hyper
+        params, grads, [torch.zeros_like(g) for g in grads], ReplicaGroup(), hyper, is_expert=True
     )
     return {
         "params": params,

@@ -23,7 +23,13 @@ from torch import Tensor
 from expertopt.distributed._plan import balance_owners
 from expertopt.distributed._runtime import exact_wire_dtype
 from expertopt.kernels import ns_flops, resolve_ns_method
-from expertopt.updates.muon import adjusted_lr, blend_momentum, matrix_view, orthogonalize_updates
+from expertopt.updates.muon import (
+    MuonHyperparams,
+    adjusted_lr,
+    blend_momentum,
+    matrix_view,
+    orthogonalize_updates,
+)
 
 __all__ = ["ReplicaGroup", "replicated_muon_step"]
 
@@ -48,40 +54,32 @@ def replicated_muon_step(
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
     replicas: ReplicaGroup,
+    hyper: MuonHyperparams,
     *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    nesterov: bool,
-    ns_method: str,
-    ns_steps: int,
-    ns_coefficients: tuple[float, float, float],
-    ns_dtype: str | torch.dtype,
-    eps: float,
-    adjust_lr_fn: str | None,
     is_expert: bool = False,
     num_heads: int | None = None,
 ) -> None:
     """One Muon step on parameters replicated over ``replicas``; every matrix orthogonalized once."""
     if not params:
         return
-    directions = blend_momentum(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
+    directions = blend_momentum(grads, momentum_buffers, momentum=hyper.momentum, nesterov=hyper.nesterov)
     # Every matrix of every parameter, in a fixed order: (parameter, matrix index inside it).
     views = [matrix_view(d, is_expert=is_expert, num_heads=num_heads) for d in directions]
     stacks = [v.reshape(-1, *v.shape[-2:]) for v in views]
     device = params[0].device
     matrices, owners, width = _plan(
-        tuple(s.shape for s in stacks), replicas.size, ns_method, ns_steps, device
+        tuple(s.shape for s in stacks), replicas.size, hyper.ns_method, hyper.ns_steps, device
     )
     rank = replicas.rank
 
     mine = [m for m, owner in zip(matrices, owners, strict=True) if owner == rank]
     results = orthogonalize_updates(
         [stacks[p][i] for p, i in mine],
-        method=ns_method, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype,
+        method=hyper.ns_method, steps=hyper.ns_steps, coefficients=hyper.ns_coefficients,
+        eps=hyper.eps, dtype=hyper.ns_dtype,
     )  # fmt: skip
 
-    wire = exact_wire_dtype(ns_method, ns_dtype, (s.shape for s in stacks), params[0])
+    wire = exact_wire_dtype(hyper.ns_method, hyper.ns_dtype, (s.shape for s in stacks), params[0])
     send = torch.zeros(width, dtype=wire, device=device)
     if results:
         packed = torch.cat([r.reshape(-1) for r in results])
@@ -96,10 +94,12 @@ def replicated_muon_step(
         updates[p][i].copy_(gathered[position[owner] : position[owner] + numel].view(updates[p][i].shape))
         position[owner] += numel
 
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)  # torch.optim.Muon: unadjusted lr
+    if hyper.weight_decay != 0:
+        torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)  # torch.optim.Muon: unadjusted lr
     for param, update, stack in zip(params, updates, stacks, strict=True):
-        param.add_(update.view(param.shape), alpha=-adjusted_lr(lr, adjust_lr_fn, stack.shape[-2:]))
+        param.add_(
+            update.view(param.shape), alpha=-adjusted_lr(hyper.lr, hyper.adjust_lr_fn, stack.shape[-2:])
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -18,7 +18,7 @@ from torch import Tensor
 from expertopt.distributed._plan import ExchangePlan, assign_owners, plan_exchange
 from expertopt.distributed._runtime import exact_wire_dtype, exchange_orthogonalize
 from expertopt.distributed.layout import FlatLayout
-from expertopt.updates.muon import adjusted_lr, blend_momentum, orthogonalize_updates
+from expertopt.updates.muon import MuonHyperparams, adjusted_lr, blend_momentum, orthogonalize_updates
 
 __all__ = ["ShardedMatrices", "sharded_muon_step"]
 
@@ -67,30 +67,25 @@ def sharded_muon_step(
     grad: Tensor,
     momentum_buffer: Tensor,
     shard: ShardedMatrices,
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    nesterov: bool,
-    ns_method: str,
-    ns_steps: int,
-    ns_coefficients: tuple[float, float, float],
-    ns_dtype: str | torch.dtype,
-    eps: float,
-    adjust_lr_fn: str | None,
+    hyper: MuonHyperparams,
 ) -> None:
     """One Muon step on this rank's flat slice ``param`` (1-D) of a sharded group."""
-    (direction,) = blend_momentum([grad], [momentum_buffer], momentum=momentum, nesterov=nesterov)
+    (direction,) = blend_momentum([grad], [momentum_buffer], momentum=hyper.momentum, nesterov=hyper.nesterov)
 
     def orthogonalize_owned(matrices: list[Tensor]) -> list[Tensor]:
         return orthogonalize_updates(
-            matrices, method=ns_method, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype
+            matrices,
+            method=hyper.ns_method,
+            steps=hyper.ns_steps,
+            coefficients=hyper.ns_coefficients,
+            eps=hyper.eps,
+            dtype=hyper.ns_dtype,
         )
 
-    reply_dtype = shard.reply_dtype(ns_method, ns_dtype, param)
+    reply_dtype = shard.reply_dtype(hyper.ns_method, hyper.ns_dtype, param)
     update = exchange_orthogonalize(
         direction, shard.layout, shard.plan, orthogonalize_owned, shard.group, reply_dtype
     )
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    param.addcmul_(update, shard.lr_scales(adjust_lr_fn, param), value=-lr)
+    if hyper.weight_decay != 0:
+        param.mul_(1 - hyper.lr * hyper.weight_decay)
+    param.addcmul_(update, shard.lr_scales(hyper.adjust_lr_fn, param), value=-hyper.lr)

@@ -39,7 +39,7 @@ from expertopt.optim._base import (
     param_label,
 )
 from expertopt.optim.adamw import init_adamw_state, step_adamw_group
-from expertopt.updates.muon import ADJUST_LR_FNS, muon_step
+from expertopt.updates.muon import ADJUST_LR_FNS, MuonHyperparams, muon_step
 
 __all__ = ["Muon"]
 
@@ -192,26 +192,15 @@ class Muon(GroupedOptimizer):
 
     def _step_muon_group(self, group: dict[str, Any]) -> None:
         params, grads = self._grads_of(group)
-        hyper = {
-            "lr": effective_lr(group),
-            "weight_decay": group["weight_decay"],
-            "momentum": group["momentum"],
-            "nesterov": group["nesterov"],
-            "ns_method": group["ns_method"],
-            "ns_steps": group["ns_steps"],
-            "ns_coefficients": tuple(group["ns_coefficients"]),
-            "ns_dtype": group["ns_dtype"],
-            "eps": group["eps"],
-            "adjust_lr_fn": group["adjust_lr_fn"],
-        }
+        hyper = MuonHyperparams.from_group(group, effective_lr(group))
         local = [i for i, p in enumerate(params) if id(p) not in self.shards and id(p) not in self.replicas]
         muon_step(
             [params[i] for i in local],
             [grads[i] for i in local],
             [self.state[params[i]]["momentum_buffer"] for i in local],
+            hyper,
             is_expert=group["expert"],
             num_heads=group["num_heads"],
-            **hyper,
         )
         by_replicas: dict[ReplicaGroup, list[int]] = {}
         for i, param in enumerate(params):
@@ -223,14 +212,14 @@ class Muon(GroupedOptimizer):
                 [grads[i] for i in indices],
                 [self.state[params[i]]["momentum_buffer"] for i in indices],
                 replicas,
+                hyper,
                 is_expert=group["expert"],
                 num_heads=group["num_heads"],
-                **hyper,
             )
         for param, grad in zip(params, grads, strict=True):
             if id(param) in self.shards:
                 buffer = self.state[param]["momentum_buffer"]
-                sharded_muon_step(param, grad, buffer, self.shards[id(param)], **hyper)
+                sharded_muon_step(param, grad, buffer, self.shards[id(param)], hyper)
 
     # -- engines -----------------------------------------------------------------------------
     def attach_replicas(self, replicas: dict[int, ReplicaGroup]) -> None:

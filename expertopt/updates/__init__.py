@@ -2,6 +2,7 @@
 
 from expertopt.updates.adamw import adamw_step
 from expertopt.updates.muon import (
+    MuonHyperparams,
     adjusted_lr,
     blend_momentum,
     matrix_view,
@@ -10,6 +11,7 @@ from expertopt.updates.muon import (
 )
 
 __all__ = [
+    "MuonHyperparams",
     "adamw_step",
     "adjusted_lr",
     "blend_momentum",

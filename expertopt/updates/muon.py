@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -26,6 +28,7 @@ from expertopt.kernels import orthogonalize, resolve_ns_method
 
 __all__ = [
     "ADJUST_LR_FNS",
+    "MuonHyperparams",
     "adjusted_lr",
     "blend_momentum",
     "matrix_view",
@@ -35,6 +38,41 @@ __all__ = [
 
 # None means "original", as in torch.optim.Muon.
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+@dataclass(frozen=True, slots=True)
+class MuonHyperparams:
+    """One Muon group's hyperparameters for one step, as a single value every step function takes.
+
+    ``lr`` is the effective lr (the scheduled lr times the group's ``lr_mult``); the rest are the
+    group's keys of the same names. Built once per group and step by :meth:`from_group`.
+    """
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    ns_method: str
+    ns_steps: int
+    ns_coefficients: tuple[float, float, float]
+    ns_dtype: str | torch.dtype
+    eps: float
+    adjust_lr_fn: str | None
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any], lr: float) -> MuonHyperparams:
+        return cls(
+            lr=lr,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            ns_method=group["ns_method"],
+            ns_steps=group["ns_steps"],
+            ns_coefficients=tuple(group["ns_coefficients"]),
+            ns_dtype=group["ns_dtype"],
+            eps=group["eps"],
+            adjust_lr_fn=group["adjust_lr_fn"],
+        )
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, matrix_shape: Sequence[int]) -> float:
@@ -127,17 +165,8 @@ def muon_step(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
+    hyper: MuonHyperparams,
     *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    nesterov: bool,
-    ns_method: str,
-    ns_steps: int,
-    ns_coefficients: tuple[float, float, float],
-    ns_dtype: str | torch.dtype,
-    eps: float,
-    adjust_lr_fn: str | None,
     is_expert: bool = False,
     num_heads: int | None = None,
 ) -> None:
@@ -149,29 +178,35 @@ def muon_step(
     """
     if not params:
         return
+    lr, momentum = hyper.lr, hyper.momentum
     torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
     views = [matrix_view(g, is_expert=is_expert, num_heads=num_heads) for g in grads]
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for index, view in enumerate(views):
         m, n = view.shape[-2:]
-        method = resolve_ns_method(ns_method, view.shape, view.device)
+        method = resolve_ns_method(hyper.ns_method, view.shape, view.device)
         buckets[(m, n, view.dtype, view.device, method)].append(index)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)  # torch.optim.Muon: unadjusted lr
+    if hyper.weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * hyper.weight_decay)  # torch.optim.Muon: unadjusted lr
     for (m, n, dtype, device, method), indices in buckets.items():
         sizes = [views[i].numel() // (m * n) for i in indices]
         directions = torch.empty((sum(sizes), m, n), dtype=dtype, device=device)
         for i, chunk in zip(indices, directions.split(sizes), strict=True):
             grad, buffer = grads[i].reshape(chunk.shape), momentum_buffers[i].reshape(chunk.shape)
-            if nesterov:
+            if hyper.nesterov:
                 torch.lerp(grad, buffer, momentum, out=chunk)
             else:
                 chunk.copy_(buffer)
         ortho = orthogonalize(
-            directions, method=method, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype
+            directions,
+            method=method,
+            steps=hyper.ns_steps,
+            coefficients=hyper.ns_coefficients,
+            eps=hyper.eps,
+            dtype=hyper.ns_dtype,
         )
         torch._foreach_add_(
             [params[i] for i in indices],
             [chunk.view(params[i].shape) for i, chunk in zip(indices, ortho.split(sizes), strict=True)],
-            alpha=-adjusted_lr(lr, adjust_lr_fn, (m, n)),
+            alpha=-adjusted_lr(lr, hyper.adjust_lr_fn, (m, n)),
         )
