@@ -25,6 +25,7 @@ from typing import Any
 
 import deepspeed
 import deepspeed.comm as ds_dist
+import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
@@ -171,15 +172,6 @@ def _check_supported(config: dict[str, Any], model: nn.Module) -> int:
         )
     if stage in (1, 2) and config["zero_optimization"].get("compute_grad_norm", True) is False:
         raise ValueError(_NEEDS_GRAD_NORM)
-    has_experts = any(is_moe_param(p) for p in model.parameters())
-    if stage == 0 and has_experts and config.get("gradient_clipping", 1.0) > 0:
-        # DeepSpeed 0.19.8 clips at stage 0 with the mean of per-rank norms, which counts each
-        # rank's local experts only (F4): refuse rather than clip with a wrong norm.
-        raise ValueError(
-            "ZeRO stage 0 with expert parallelism clips gradients with a wrong global norm in DeepSpeed "
-            '0.19.8 (mean of per-rank norms); use "zero_optimization": {"stage": 1} or 2, or set '
-            '"gradient_clipping": 0'
-        )
     return stage
 
 
@@ -337,6 +329,58 @@ def _attach_replicas(engine: Any, optimizer: Muon) -> None:
     optimizer.attach_replicas(replicas)
 
 
+def _attach_zero0_clipping(engine: Any, optimizer: Muon | AdamW) -> None:
+    """ZeRO-0 with experts: clip with the true global norm instead of DeepSpeed's.
+
+    DeepSpeed 0.19.8 clips at stage 0 with the mean over ranks of each rank's local norm
+    (``runtime/utils.py`` ``clip_grad_norm_``), which counts only the rank's own experts (F4;
+    measured: the optimizer received gradients of norm 0.0506 for a 0.05 limit). Experts are
+    known only here, after ``deepspeed.initialize``: AutoEP tags them inside it. Without
+    experts every rank holds the same gradients and DeepSpeed's norm is right, so it stays.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if engine.gradient_clipping() <= 0 or not any(is_moe_param(p) for p in params):
+        return
+    if engine.mpu is not None or engine.fp16_enabled() or engine.bfloat16_enabled():
+        # fp16 / bf16 engines clip elsewhere (or not at all) at stage 0, with DeepSpeed's norm.
+        raise NotImplementedError(
+            "ZeRO stage 0 with experts and gradient clipping is supported in fp32 without model parallelism "
+            '(mpu) only; use "zero_optimization": {"stage": 1} or 2, or set "gradient_clipping": 0'
+        )
+    from deepspeed.utils import groups
+
+    def clip_fp32_gradients() -> torch.Tensor:
+        norm = _expert_aware_grad_norm(params, groups._get_data_parallel_group())
+        torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
+        engine._global_grad_norm = norm  # what engine.get_global_grad_norm() reports
+        return norm
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def _expert_aware_grad_norm(params: list[torch.Tensor], data_parallel: Any) -> torch.Tensor:
+    """The 2-norm of the global gradient at ZeRO-0, every dense and every expert parameter once.
+
+    After the engine's all-reduce, dense gradients are identical on every rank, and an expert's
+    gradient is identical on the ``edp`` ranks of its expert-data-parallel group, whose union
+    over expert-parallel ranks is the data-parallel group. Summing ``||g||^2 / edp`` of the
+    experts over the data-parallel group therefore counts each expert once (one all-reduce of
+    one scalar).
+    """
+    from deepspeed.utils import groups
+
+    dense = [p.grad for p in params if p.grad is not None and not is_moe_param(p)]
+    expert_squares = torch.zeros((), dtype=torch.float32)
+    for name in sorted({p.group_name for p in params if is_moe_param(p)}):
+        grads = [p.grad for p in params if p.grad is not None and is_moe_param(p) and p.group_name == name]
+        edp_size = ds_dist.get_world_size(group=groups._get_expert_data_parallel_group(name))
+        if grads:
+            expert_squares += torch.nn.utils.get_total_norm(grads).float().square() / edp_size
+    ds_dist.all_reduce(expert_squares, group=data_parallel)
+    dense_squares = torch.nn.utils.get_total_norm(dense).float().square() if dense else 0.0
+    return (dense_squares + expert_squares).sqrt()
+
+
 TOPOLOGY_FILE = "expertopt_topology.json"
 
 
@@ -437,6 +481,7 @@ def attach(engine: Any, zero0_newton_schulz: str = "owners") -> None:
             )
         if isinstance(optimizer, Muon) and zero0_newton_schulz == "owners":
             _attach_replicas(engine, optimizer)
+        _attach_zero0_clipping(engine, optimizer)
         return
     optimizer.shared_finite_check = _shared_finite_check(engine, zero)
     if not isinstance(optimizer, Muon):
