@@ -369,3 +369,12 @@ def test_model_parameters_forms_in_an_engine(doors, kind, stage):
         for form, case in cases.items():
             if stage in (1, 2):
                 assert case["experts_in_edp_groups"] and all(case["experts_in_edp_groups"]), (where, form)
+
+
+def test_normalize_refuses_bad_groups_before_deepspeed_sees_them(toy_moe):
+    from expertopt.integrations._model_parameters import normalize
+
+    with pytest.raises(ValueError, match='group #1 has no "params"'):
+        normalize([{"params": list(toy_moe.parameters())}, {"lr": 0.1}])
+    with pytest.raises(ValueError, match=r"sets \['link'\]"):
+        normalize({"params": list(toy_moe.parameters()), "link": "muon"})

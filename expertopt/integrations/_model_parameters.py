@@ -36,6 +36,19 @@ def _as_list(params: Any) -> list[Tensor]:
     return [params] if isinstance(params, Tensor) else list(params)
 
 
+def _checked_group(index: int, group: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an incoming group with its ``params`` as a list; bad keys are errors."""
+    if "params" not in group:
+        raise ValueError(f'model_parameters group #{index} has no "params"; give each group its parameters')
+    clash = [key for key in _ROUTER_KEYS if key in group]
+    if clash:
+        raise ValueError(
+            f"model_parameters group #{index} sets {clash}, which expertopt's router decides; remove "
+            'them (force Muon or AdamW with "use_muon": true / false)'
+        )
+    return {**group, "params": _as_list(group["params"])}
+
+
 def normalize(model_parameters: Any) -> Any:
     """What to hand ``deepspeed.initialize`` so it maps the parameters onto AutoEP replacements.
 
@@ -46,7 +59,7 @@ def normalize(model_parameters: Any) -> Any:
     if model_parameters is None or isinstance(model_parameters, Iterator):
         return model_parameters
     items = [model_parameters] if isinstance(model_parameters, (Tensor, dict)) else list(model_parameters)
-    groups = [{**item, "params": _as_list(item["params"])} for item in items if isinstance(item, dict)]
+    groups = [_checked_group(index, item) for index, item in enumerate(items) if isinstance(item, dict)]
     loose = [item for item in items if not isinstance(item, dict)]
     if not groups:
         return loose
@@ -57,21 +70,7 @@ def _user_groups(model_parameters: Iterable[Any]) -> list[dict[str, Any]]:
     """DeepSpeed's list (parameters, group dicts, or both) as group dicts; loose parameters form
     one group, as in DeepSpeed's own Muon."""
     items = list(model_parameters)
-    groups = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            continue
-        if "params" not in item:
-            raise ValueError(
-                f'model_parameters group #{index} has no "params"; give each group its parameters'
-            )
-        clash = [key for key in _ROUTER_KEYS if key in item]
-        if clash:
-            raise ValueError(
-                f"model_parameters group #{index} sets {clash}, which expertopt's router decides; remove "
-                'them (force Muon or AdamW with "use_muon": true / false)'
-            )
-        groups.append({**item, "params": _as_list(item["params"])})
+    groups = [_checked_group(index, item) for index, item in enumerate(items) if isinstance(item, dict)]
     loose = [item for item in items if not isinstance(item, dict)]
     if loose or not groups:
         groups.append({"params": loose})

@@ -1,11 +1,14 @@
 """DeepSpeed glue: ``"optimizer": {"type": "Muon"}`` in a DeepSpeed config, at ZeRO stage 0, 1 or 2.
 
-:func:`initialize` takes and returns what ``deepspeed.initialize`` does. When the config names
-``Muon`` or ``AdamW`` it removes the optimizer block (so DeepSpeed neither builds its own Muon nor
-tags parameters ``use_muon``, which would switch on DeepSpeed's in-ZeRO Newton-Schulz), builds
-expertopt's optimizer from the model's routed param groups (after AutoEP has replaced modules),
+:func:`initialize` takes and returns what ``deepspeed.initialize`` does; :func:`patch_deepspeed`
+makes ``deepspeed.initialize`` itself do it, for callers we do not control (the Hugging Face
+Trainer through accelerate). When the config names ``Muon`` or ``AdamW`` it removes the
+optimizer block (so DeepSpeed neither builds its own Muon nor tags parameters ``use_muon``,
+which would switch on DeepSpeed's in-ZeRO Newton-Schulz), builds expertopt's optimizer from the
+routed param groups of the model or of ``model_parameters`` (after AutoEP has replaced modules),
 and, at ZeRO-1/2, tells it where each matrix lives in the flat partitions so every matrix is
-orthogonalized once by one owner inside its DP (dense) or EDP (expert) group.
+orthogonalized once by one owner inside its DP (dense) or EDP (expert) group. At ZeRO-0 with
+experts it replaces DeepSpeed's clipping norm, which is wrong there.
 
 What DeepSpeed 0.19.8 already does right and we rely on (verified, see docs/deepspeed.md): at
 ZeRO-1/2 the optimizer receives gradients averaged over the global batch (experts included),
@@ -163,7 +166,7 @@ def _build_groups(
     return groups
 
 
-def _check_supported(config: dict[str, Any], model: nn.Module) -> int:
+def _check_supported(config: dict[str, Any]) -> int:
     stage = int(config.get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
         raise NotImplementedError(
@@ -216,7 +219,7 @@ def _engine_arguments(
         )
     if model is None:
         raise ValueError("expertopt.initialize needs the model to route its parameters")
-    stage = _check_supported(loaded, model)
+    stage = _check_supported(loaded)
     loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
     loaded["zero_allow_untested_optimizer"] = True
     if stage in (1, 2):
