@@ -4,6 +4,7 @@
 ``expertopt.integrations.deepspeed`` and imports it on use.
 """
 
+from expertopt.integrations.hf import MuonFactory  # transformers' Trainer hook; imports no transformers
 from expertopt.kernels import orthogonalize
 from expertopt.optim import LINKED_KEYS, AdamW, MoEOptimizer, Muon, effective_lr
 from expertopt.param_groups import Rule, build_param_groups, is_expert_param
@@ -43,6 +44,7 @@ __all__ = [
     "AdamW",
     "MoEOptimizer",
     "Muon",
+    "MuonFactory",
     "Rule",
     "__version__",
     "build_param_groups",
