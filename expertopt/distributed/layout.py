@@ -28,6 +28,7 @@ class FlatMatrix:
     rows: int
     cols: int
     param: int  # index of the parameter it belongs to, for error messages
+    layout: str = "out_in"  # storage orientation, for the lr scale (see adjusted_lr)
 
     @property
     def numel(self) -> int:
@@ -77,7 +78,13 @@ class FlatLayout:
 
 
 def matrices_of(
-    shapes: list[torch.Size], starts: list[int], *, is_expert: bool = False, num_heads: int | None = None
+    shapes: list[torch.Size],
+    starts: list[int],
+    *,
+    is_expert: bool = False,
+    num_heads: int | None = None,
+    matrix_layout: str = "out_in",
+    row_blocks: int | None = None,
 ) -> tuple[FlatMatrix, ...]:
     """Split parameters (shape, flat start) into their matrices, in flat order.
 
@@ -86,8 +93,13 @@ def matrices_of(
     """
     matrices = []
     for index, (shape, start) in enumerate(zip(shapes, starts, strict=True)):
-        view = matrix_view(torch.empty(shape, device="meta"), is_expert=is_expert, num_heads=num_heads)
+        view = matrix_view(
+            torch.empty(shape, device="meta"),
+            is_expert=is_expert, num_heads=num_heads, matrix_layout=matrix_layout, row_blocks=row_blocks,
+        )  # fmt: skip
         rows, cols = view.shape[-2:]
         count = math.prod(view.shape[:-2])
-        matrices.extend(FlatMatrix(start + k * rows * cols, rows, cols, index) for k in range(count))
+        matrices.extend(
+            FlatMatrix(start + k * rows * cols, rows, cols, index, matrix_layout) for k in range(count)
+        )
     return tuple(matrices)

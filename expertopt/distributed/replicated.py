@@ -58,13 +58,20 @@ def replicated_muon_step(
     *,
     is_expert: bool = False,
     num_heads: int | None = None,
+    matrix_layout: str = "out_in",
+    row_blocks: int | None = None,
 ) -> None:
     """One Muon step on parameters replicated over ``replicas``; every matrix orthogonalized once."""
     if not params:
         return
     directions = blend_momentum(grads, momentum_buffers, momentum=hyper.momentum, nesterov=hyper.nesterov)
     # Every matrix of every parameter, in a fixed order: (parameter, matrix index inside it).
-    views = [matrix_view(d, is_expert=is_expert, num_heads=num_heads) for d in directions]
+    views = [
+        matrix_view(
+            d, is_expert=is_expert, num_heads=num_heads, matrix_layout=matrix_layout, row_blocks=row_blocks
+        )
+        for d in directions
+    ]
     stacks = [v.reshape(-1, *v.shape[-2:]) for v in views]
     device = params[0].device
     matrices, owners, width = _plan(
@@ -98,7 +105,8 @@ def replicated_muon_step(
         torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)  # torch.optim.Muon: unadjusted lr
     for param, update, stack in zip(params, updates, stacks, strict=True):
         param.add_(
-            update.view(param.shape), alpha=-adjusted_lr(hyper.lr, hyper.adjust_lr_fn, stack.shape[-2:])
+            update.view(param.shape),
+            alpha=-adjusted_lr(hyper.lr, hyper.adjust_lr_fn, stack.shape[-2:], matrix_layout),
         )
 
 

@@ -56,7 +56,7 @@ class ShardedMatrices:
                 lo, hi = self.layout.piece(index, self.rank)
                 if hi > lo:
                     scales[lo - offset : hi - offset] = adjusted_lr(
-                        1.0, adjust_lr_fn, (matrix.rows, matrix.cols)
+                        1.0, adjust_lr_fn, (matrix.rows, matrix.cols), matrix.layout
                     )
             self._scales[adjust_lr_fn] = scales
         return self._scales[adjust_lr_fn]

@@ -502,6 +502,8 @@ def attach(engine: Any, zero0_newton_schulz: str = "owners") -> None:
                 list(zero.round_robin_bit16_offsets[index]),
                 is_expert=group["expert"],
                 num_heads=group["num_heads"],
+                matrix_layout=group["matrix_layout"],
+                row_blocks=group["row_blocks"],
             ),
             int(zero.partition_size[index]),
             ds_dist.get_world_size(group=process_group),

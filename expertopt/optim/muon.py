@@ -39,7 +39,7 @@ from expertopt.optim._base import (
     param_label,
 )
 from expertopt.optim.adamw import init_adamw_state, step_adamw_group
-from expertopt.updates.muon import ADJUST_LR_FNS, MuonHyperparams, muon_step
+from expertopt.updates.muon import ADJUST_LR_FNS, MATRIX_LAYOUTS, MuonHyperparams, matrix_view, muon_step
 
 __all__ = ["Muon"]
 
@@ -77,7 +77,10 @@ class Muon(GroupedOptimizer):
         skip_nonfinite: skip (and count in ``nonfinite_steps``) a step with an inf/NaN gradient.
 
     Group keys beyond torch's: ``use_muon`` (default True), ``expert`` (bool), ``num_heads``,
-    ``lr_mult`` (default 1.0), ``name``, ``link`` (see :class:`expertopt.MoEOptimizer`).
+    ``matrix_layout`` ("out_in" default, "in_out" for ``[E, in, out]`` experts, "flatten" for
+    convolutions: sets each matrix's fan-out/fan-in for the lr scale), ``row_blocks`` (a 2-D
+    stack of that many matrices along its rows, e.g. DBRX experts), ``lr_mult`` (default 1.0),
+    ``name``, ``link`` (see :class:`expertopt.MoEOptimizer`).
     """
 
     def __init__(
@@ -127,6 +130,8 @@ class Muon(GroupedOptimizer):
             "use_muon": True,
             "expert": False,
             "num_heads": None,
+            "matrix_layout": "out_in",
+            "row_blocks": None,
             "lr_mult": 1.0,
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
@@ -165,9 +170,13 @@ class Muon(GroupedOptimizer):
                 f"ns_method={group['ns_method']!r} is unknown; use one of {NS_METHODS} ({where})"
             )
         resolve_ns_dtype(group["ns_dtype"], torch.device("cpu"), "standard")  # raises on a bad value
-        heads = group["num_heads"]
-        if heads is not None and not (isinstance(heads, int) and heads >= 1):
-            raise ValueError(f"num_heads must be a positive int or None, got {heads!r} ({where})")
+        for key in ("num_heads", "row_blocks"):
+            if group[key] is not None and not (isinstance(group[key], int) and group[key] >= 1):
+                raise ValueError(f"{key} must be a positive int or None, got {group[key]!r} ({where})")
+        if group["matrix_layout"] not in MATRIX_LAYOUTS:
+            raise ValueError(
+                f"matrix_layout={group['matrix_layout']!r} is unknown; use one of {MATRIX_LAYOUTS} ({where})"
+            )
         for position, param in enumerate(group["params"]):
             if param.ndim < 2 and id(param) not in self.shards:
                 raise ValueError(
@@ -175,6 +184,26 @@ class Muon(GroupedOptimizer):
                     f"group ({where}): Muon orthogonalizes matrices. Move it to a group with "
                     "use_muon=False (AdamW), or let expertopt.build_param_groups(model) route it"
                 )
+            if id(param) not in self.shards:
+                self._check_layout_fits(group, position, param, where)
+
+    @staticmethod
+    def _check_layout_fits(group: dict[str, Any], position: int, param: Tensor, where: str) -> None:
+        """The group's layout keys must describe this tensor (same view the step will take)."""
+        try:
+            matrix_view(
+                torch.empty(param.shape, device="meta"),
+                is_expert=group["expert"],
+                num_heads=group["num_heads"],
+                matrix_layout=group["matrix_layout"],
+                row_blocks=group["row_blocks"],
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"{param_label(group, position, param)} does not fit its group's layout ({where}): {error}. "
+                "Put tensors of another layout in a group of their own, or let "
+                "expertopt.build_param_groups(model) make one group per layout"
+            ) from None
 
     def _init_state(self, group: dict[str, Any], param: Tensor, position: int) -> None:
         state = self.state[param]
@@ -201,6 +230,8 @@ class Muon(GroupedOptimizer):
             hyper,
             is_expert=group["expert"],
             num_heads=group["num_heads"],
+            matrix_layout=group["matrix_layout"],
+            row_blocks=group["row_blocks"],
         )
         by_replicas: dict[ReplicaGroup, list[int]] = {}
         for i, param in enumerate(params):
@@ -215,6 +246,8 @@ class Muon(GroupedOptimizer):
                 hyper,
                 is_expert=group["expert"],
                 num_heads=group["num_heads"],
+                matrix_layout=group["matrix_layout"],
+                row_blocks=group["row_blocks"],
             )
         for param, grad in zip(params, grads, strict=True):
             if id(param) in self.shards:

@@ -28,6 +28,7 @@ from expertopt.kernels import orthogonalize, resolve_ns_method
 
 __all__ = [
     "ADJUST_LR_FNS",
+    "MATRIX_LAYOUTS",
     "MuonHyperparams",
     "adjusted_lr",
     "blend_momentum",
@@ -38,6 +39,9 @@ __all__ = [
 
 # None means "original", as in torch.optim.Muon.
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+# How a parameter's matrices are stored (group key ``matrix_layout``): "out_in" as nn.Linear,
+# "in_out" as gpt-oss / Llama4 experts ``[E, in, out]``, "flatten" as convolutions.
+MATRIX_LAYOUTS = ("out_in", "in_out", "flatten")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +79,23 @@ class MuonHyperparams:
         )
 
 
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, matrix_shape: Sequence[int]) -> float:
-    """Scale ``lr`` by one matrix's shape ``[..., A, B]`` (rows A = fan-out, cols B = fan-in).
+def adjusted_lr(
+    lr: float, adjust_lr_fn: str | None, matrix_shape: Sequence[int], matrix_layout: str = "out_in"
+) -> float:
+    """Scale ``lr`` by one matrix's shape ``[..., A, B]`` as the layer computes with it.
 
-    torch's ``_adjust_lr`` reads ``shape[:2]``; reading ``shape[-2:]`` gives the same answer on
-    2-D weights and the per-expert answer on ``[E, A, B]`` stacks (STYLE practice 3).
+    ``matrix_layout="out_in"`` (``nn.Linear``): rows A are fan-out, cols B fan-in; ``"in_out"``
+    (gpt-oss, Llama4 experts ``[E, in, out]``): rows are fan-in. "original" (torch's rule) steps
+    ``lr * sqrt(max(1, fan_out / fan_in))``, so reading the storage the wrong way round inverts
+    the ratio (issue 8). torch's ``_adjust_lr`` reads ``shape[:2]``; reading ``shape[-2:]`` gives
+    the same answer on 2-D weights and the per-expert answer on ``[E, A, B]`` stacks (STYLE 3).
     """
     rows, cols = matrix_shape[-2], matrix_shape[-1]
+    if matrix_layout not in MATRIX_LAYOUTS:
+        raise ValueError(f"matrix_layout={matrix_layout!r} is unknown; use one of {MATRIX_LAYOUTS}")
+    fan_out, fan_in = (cols, rows) if matrix_layout == "in_out" else (rows, cols)
     if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return lr * math.sqrt(max(1.0, rows / cols))
+        return lr * math.sqrt(max(1.0, fan_out / fan_in))
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
     raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is not supported; use one of {ADJUST_LR_FNS}")
@@ -105,26 +117,44 @@ def blend_momentum(
     return list(momentum_buffers)
 
 
-def matrix_view(update: Tensor, *, is_expert: bool = False, num_heads: int | None = None) -> Tensor:
+def matrix_view(
+    update: Tensor,
+    *,
+    is_expert: bool = False,
+    num_heads: int | None = None,
+    matrix_layout: str = "out_in",
+    row_blocks: int | None = None,
+) -> Tensor:
     """View an update as a batch of matrices ``[..., m, n]`` for Newton-Schulz.
 
-    - 2-D: the matrix itself; with ``num_heads`` the rows split into per-head blocks
-      ``[heads, out/heads, in]`` so each attention head is orthogonalized on its own.
-    - 3-D and more, tagged expert (or any 3-D): leading dims are independent matrices.
-    - 4-D not tagged expert: a convolution ``[out, in, kh, kw]`` flattened to ``[out, in*kh*kw]``
-      as Keller Jordan's Muon does.
+    - 2-D: the matrix itself; with ``num_heads`` (attention heads) or ``row_blocks`` (a 2-D
+      expert stack such as DBRX's ``[E*I, H]``) the rows split into blocks ``[blocks, rows/blocks, n]``
+      so each head or expert is orthogonalized on its own.
+    - 3-D and more: leading dims are independent matrices (stacked experts ``[E, out, in]``).
+    - ``matrix_layout="flatten"`` (convolutions ``[out, in, *kernel]``, any rank): one matrix
+      ``[out, in*prod(kernel)]`` as Keller Jordan's Muon does; a 4-D tensor not tagged expert is
+      flattened the same way in any layout (the behaviour before layouts existed).
+
+    ``matrix_layout="in_out"`` changes no view: the polar factor of X^T is the transpose of X's,
+    so only the lr scale (:func:`adjusted_lr`) reads it.
     """
     if update.ndim < 2:
         raise ValueError(f"Muon needs matrices, got a {update.ndim}-D tensor of shape {tuple(update.shape)}")
-    if num_heads is not None:
-        if update.ndim != 2 or update.shape[0] % num_heads:
+    if matrix_layout not in MATRIX_LAYOUTS:
+        raise ValueError(f"matrix_layout={matrix_layout!r} is unknown; use one of {MATRIX_LAYOUTS}")
+    blocks, key = (num_heads, "num_heads") if num_heads is not None else (row_blocks, "row_blocks")
+    if num_heads is not None and row_blocks is not None:
+        raise ValueError(f"num_heads={num_heads} and row_blocks={row_blocks} both split rows; set one")
+    if blocks is not None:
+        if update.ndim != 2 or update.shape[0] % blocks:
             raise ValueError(
-                f"num_heads={num_heads} needs a 2-D weight whose rows split evenly into heads; "
+                f"{key}={blocks} needs a 2-D weight whose rows split evenly into "
+                f"{'heads' if key == 'num_heads' else 'expert matrices'}; "
                 f"got shape {tuple(update.shape)}"
             )
-        return rearrange(update, "(h d) n -> h d n", h=num_heads)
-    if update.ndim == 4 and not is_expert:
-        return rearrange(update, "o i kh kw -> o (i kh kw)")
+        return rearrange(update, "(h d) n -> h d n", h=blocks)
+    if matrix_layout == "flatten" or (update.ndim == 4 and not is_expert):
+        return update.reshape(update.shape[0], -1)
     return update
 
 
@@ -169,6 +199,8 @@ def muon_step(
     *,
     is_expert: bool = False,
     num_heads: int | None = None,
+    matrix_layout: str = "out_in",
+    row_blocks: int | None = None,
 ) -> None:
     """One Muon step on whole (unsharded) parameters: the functional API of :class:`expertopt.Muon`.
 
@@ -180,7 +212,12 @@ def muon_step(
         return
     lr, momentum = hyper.lr, hyper.momentum
     torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
-    views = [matrix_view(g, is_expert=is_expert, num_heads=num_heads) for g in grads]
+    views = [
+        matrix_view(
+            g, is_expert=is_expert, num_heads=num_heads, matrix_layout=matrix_layout, row_blocks=row_blocks
+        )
+        for g in grads
+    ]
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for index, view in enumerate(views):
         m, n = view.shape[-2:]
@@ -208,5 +245,5 @@ def muon_step(
         torch._foreach_add_(
             [params[i] for i in indices],
             [chunk.view(params[i].shape) for i, chunk in zip(indices, ortho.split(sizes), strict=True)],
-            alpha=-adjusted_lr(lr, hyper.adjust_lr_fn, (m, n)),
+            alpha=-adjusted_lr(lr, hyper.adjust_lr_fn, (m, n), matrix_layout),
         )
