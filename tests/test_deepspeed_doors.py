@@ -378,3 +378,14 @@ def test_normalize_refuses_bad_groups_before_deepspeed_sees_them(toy_moe):
         normalize([{"params": list(toy_moe.parameters())}, {"lr": 0.1}])
     with pytest.raises(ValueError, match=r"sets \['link'\]"):
         normalize({"params": list(toy_moe.parameters()), "link": "muon"})
+
+
+def test_a_single_named_group_names_its_halves(toy_moe):
+    groups = _route(toy_moe, [{"params": list(toy_moe.parameters()), "name": "body"}])
+    assert {g["name"] for g in groups} == {
+        "body-muon", "body-adamw", "body-adamw_no_decay", "body-expert_muon", "body-expert_adamw_no_decay",
+    }  # fmt: skip
+    assert {g["name"]: g["link"] for g in groups if g["expert"]} == {
+        "body-expert_muon": "body-muon",
+        "body-expert_adamw_no_decay": "body-adamw_no_decay",
+    }

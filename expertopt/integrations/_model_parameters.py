@@ -154,9 +154,9 @@ def route_model_parameters(
     rules = [*options.pop("rules", ()), *rules]
     routed = build_param_groups(model, **options, rules=rules)
     routed_of = {id(p): position for position, g in enumerate(routed) for p in g["params"]}
-    single = len(groups) == 1
     halves = []
     for index, group in enumerate(groups):
-        prefix = None if single else str(group.get("name") or f"group{index}")
-        halves.extend(_halves(group, routed, routed_of, prefix))
+        # As DeepSpeed's Muon names its halves: the group's name, else groupN when there are several.
+        prefix = group.get("name") or (f"group{index}" if len(groups) > 1 else None)
+        halves.extend(_halves(group, routed, routed_of, None if prefix is None else str(prefix)))
     return halves
