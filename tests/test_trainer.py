@@ -337,7 +337,29 @@ def _autoep_rank(rank: int, world_size: int, shared_dir: str) -> dict:
         )
     )
     ds_scheduled = engine_summary(*train_with_deepspeed(f"{shared_dir}/c", scheduler_block=True))
-    return {"uninterrupted": uninterrupted, "resumed": resumed, "ds_scheduled": ds_scheduled}
+    refusal = factory_refusal_under_deepspeed(f"{shared_dir}/d")
+    return {
+        "uninterrupted": uninterrupted,
+        "resumed": resumed,
+        "ds_scheduled": ds_scheduled,
+        "refusal": refusal,
+    }
+
+
+def factory_refusal_under_deepspeed(output_dir: str) -> str:
+    """A DeepSpeed config without "optimizer" makes the Trainer call the factory; ZeRO would then
+    step expertopt's optimizer on flat partitions, so the factory must refuse before any step."""
+    config = deepspeed_config(scheduler_block=False)
+    del config["optimizer"]
+    trainer = transformers.Trainer(
+        model=tiny_qwen3_moe(),
+        args=training_args(output_dir, SEQUENCES // AUTOEP_SIZE, deepspeed=config, learning_rate=LR),
+        train_dataset=fibonacci_dataset(),
+        optimizer_cls_and_kwargs=(MuonFactory, dict(FACTORY_KWARGS)),
+    )
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    return str(error.value)
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +426,13 @@ def test_deepspeed_scheduler_block_drives_every_group(autoep_runs):
         assert summary["lrs"] == [pytest.approx([lr] * len(RATIOS)) for lr in schedule]
         assert summary["effective"] == [pytest.approx([lr * r for r in RATIOS]) for lr in schedule]
         assert summary["losses"][-1] < summary["losses"][0] - 0.05, summary["losses"]
+
+
+@pytest.mark.slow
+def test_factory_under_deepspeed_refuses_with_the_fix(autoep_runs):
+    for rank_runs in autoep_runs:
+        assert rank_runs["refusal"].startswith("MuonFactory is for the Trainer without DeepSpeed")
+        assert "expertopt.patch_deepspeed()" in rank_runs["refusal"]
 
 
 @pytest.mark.slow

@@ -49,6 +49,13 @@ class MuonFactory:
     def __call__(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"MuonFactory expects the model the Trainer passes, got {type(model).__name__}")
+        if _trainer_runs_deepspeed():
+            raise ValueError(
+                "MuonFactory is for the Trainer without DeepSpeed: under ZeRO, DeepSpeed would step it on "
+                'flat partitions. With a DeepSpeed config, name the optimizer there ("optimizer": '
+                '{"type": "Muon", "params": {...}}), call expertopt.patch_deepspeed() and drop '
+                "optimizer_cls_and_kwargs (docs/trainer.md)"
+            )
         if "lr" not in kwargs:
             raise TypeError(
                 "MuonFactory needs lr: pass optimizer_cls_and_kwargs=(MuonFactory, {'lr': ...}); "
@@ -66,3 +73,14 @@ class MuonFactory:
         if any(group["expert"] for group in groups) and any(not group["expert"] for group in groups):
             return MoEOptimizer.from_groups(groups, Muon, **defaults)
         return Muon(groups, **defaults)
+
+
+def _trainer_runs_deepspeed() -> bool:
+    """Whether accelerate's process-wide state says DeepSpeed is on (what ``Trainer.is_deepspeed_enabled``
+    reads). The Trainer calls a factory under DeepSpeed only when the config has no "optimizer" block."""
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+    except ImportError:  # no accelerate, no Trainer
+        return False
+    return AcceleratorState._shared_state.get("distributed_type") == DistributedType.DEEPSPEED
