@@ -237,3 +237,22 @@ def test_three_steps_lower_the_loss(model_type):
     losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < losses[0], losses
+
+
+def test_groups_command_prints_every_parameter_of_an_architecture(capsys):
+    from expertopt.cli import main
+
+    assert main(["groups", "--model", "gpt_oss", "--router", "adamw"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    # gpt-oss stores gate_up_proj [E, H, 2I] = [4, 32, 128]: fan-out 128 / fan-in 32, step x sqrt(4) = 2.
+    gate_up = rows["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gate_up[1:5] == ["4x32x128", "expert", "expert_muon_in_out", "4x"] and gate_up[-2:] == ["2", "0.1"]
+    assert rows["model.layers.0.mlp.router.weight"][2:4] == ["router", "adamw"]
+    assert rows["model.layers.0.mlp.experts.down_proj_bias"][3] == "expert_adamw_no_decay"
+
+
+def test_groups_command_rejects_an_unknown_model(capsys):
+    from expertopt.cli import main
+
+    assert main(["groups", "--model", "no_such_model"]) == 2
+    assert "unknown model type 'no_such_model'" in capsys.readouterr().err
