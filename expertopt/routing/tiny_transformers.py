@@ -55,6 +55,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
     "zaya": {"num_experts_per_tok": 1},
+    # Architectures whose default layer plan leaves two layers dense: ask for MoE layers.
+    "doge": {"is_moe": True},
+    "flint": {"decoder_sparse_step": 1},
+    "gemma4_text": {"enable_moe_block": True},
+    "nllb-moe": {"encoder_sparse_step": 1, "decoder_sparse_step": 1},
+    "beam": {"mlp_layer_types": ["sparse", "sparse"]},
+    "step3p5": {"mlp_layer_types": ["sparse", "sparse"], "sliding_window": 8},
     "mimo_v2_flash": {"num_key_value_heads": 2},
     "longcat_flash": {"moe_topk": 2},
 }
