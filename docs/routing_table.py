@@ -39,7 +39,11 @@ def _row(model_type: str) -> str:
     rows = routing_rows(routed, build_param_groups(model, router="adamw"))
     experts, routers = {}, set()
     for row in rows:
-        short = ".".join(row.name.split(".")[-2:]) if row.name.endswith((".weight", ".bias")) else row.name.split(".")[-1]
+        short = (
+            ".".join(row.name.split(".")[-2:])
+            if row.name.endswith((".weight", ".bias"))
+            else row.name.split(".")[-1]
+        )
         if row.role == "expert" or (row.group.startswith("expert_") and row.role != "rule"):
             shape = "x".join(map(str, row.shape))
             experts.setdefault(short, f"`{short}` {shape} {row.layout}, lr x{row.lr_multiplier:.3g}")
