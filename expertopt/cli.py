@@ -1,10 +1,14 @@
 """``expertopt`` command line: run the demo, or show how parameters are routed to optimizers.
 
     python -m expertopt demo [--steps N] [--seed S] [--threads T]
-    python -m expertopt groups [--lr LR] [--adamw-lr LR] [--router {muon,adamw}]
+    python -m expertopt groups [--model MODEL_TYPE] [--lr LR] [--adamw-lr LR] [--router {muon,adamw}]
+                               [--expert-lr-mult M]
 
-``groups`` prints what :func:`expertopt.build_param_groups` makes of the built-in TinyMoE, so a
-misrouted parameter (an embedding on Muon, an expert on AdamW) is visible before training.
+``groups`` prints what :func:`expertopt.build_param_groups` makes of the built-in TinyMoE, or with
+``--model`` of any transformers architecture built from a tiny config (one row per parameter:
+role, group, shape, layout, lr multiplier incl. sqrt(fan_out/fan_in), weight decay), so a
+misrouted parameter (an embedding on Muon, an expert on AdamW, an inverted expert layout) is
+visible before training.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ __all__ = ["format_groups", "main"]
 # Parameter names shown per group before the list is cut short.
 EXAMPLE_NAMES = 3
 # Columns of the groups table: name, use_muon, expert, link, lr_mult, weight_decay, tensors, numel, names.
-ROW = "{:<16} {:<5} {:<6} {:<6} {:>8} {:>5} {:>7} {:>8}  {}"
+ROW = "{:<22} {:<5} {:<6} {:<6} {:>8} {:>5} {:>7} {:>8}  {}"
 
 
 def _positive_int(text: str) -> int:
@@ -48,10 +52,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, default=1, help="torch intra-op threads (default: 1, fastest here)"
     )
 
-    groups = commands.add_parser("groups", help="print the param groups built for the tiny MoE model")
+    groups = commands.add_parser(
+        "groups", help="print the param groups built for the tiny MoE model or a transformers architecture"
+    )
+    groups.add_argument(
+        "--model",
+        metavar="MODEL_TYPE",
+        help="a transformers model type (e.g. mixtral, gpt_oss, dbrx), built from a tiny config; "
+        "needs the hf extra (pip install 'expertopt[hf]')",
+    )
     groups.add_argument("--lr", type=float, default=0.02, help="Muon (scheduled) lr (default: 0.02)")
     groups.add_argument("--adamw-lr", type=float, default=3e-4, help="lr of AdamW groups (default: 3e-4)")
     groups.add_argument("--router", choices=("muon", "adamw"), default="muon", help="router optimizer")
+    groups.add_argument(
+        "--expert-lr-mult", type=float, default=1.0, help="lr multiplier of expert groups (default: 1.0)"
+    )
     return parser
 
 
@@ -81,22 +96,56 @@ def format_groups(groups: list[dict[str, Any]]) -> str:
 
 
 def _run_groups(args: argparse.Namespace) -> int:
-    import torch
-
-    from expertopt.models import TinyMoE
-
-    torch.manual_seed(0)
-    model = TinyMoE()
+    options = {
+        "lr": args.lr,
+        "adamw_lr": args.adamw_lr,
+        "router": args.router,
+        "expert_lr_mult": args.expert_lr_mult,
+    }
     try:
-        groups = build_param_groups(model, lr=args.lr, adamw_lr=args.adamw_lr, router=args.router)
-    except ValueError as error:  # bad lrs: say why without a traceback
+        model, label = _groups_model(args.model)
+        groups = build_param_groups(model, **options)
+    except (ValueError, ImportError) as error:  # bad lrs, unknown model type, no transformers
         print(f"expertopt groups: {error}", file=sys.stderr)
         return 2
-    print(
-        f"build_param_groups(TinyMoE(), lr={args.lr:g}, adamw_lr={args.adamw_lr:g}, router={args.router!r}):"
-    )
+    settings = ", ".join(f"{key}={value!r}" for key, value in options.items())
+    print(f"build_param_groups({label}, {settings}):")
+    if args.model is not None:
+        from expertopt.routing import route_model
+        from expertopt.routing.table import format_routing, routing_rows
+
+        routed = route_model(model, router=args.router)
+        print(format_routing(routing_rows(routed, groups)))
+        print()
     print(format_groups(groups))
     return 0
+
+
+def _groups_model(model_type: str | None) -> tuple[Any, str]:
+    """The built-in TinyMoE, or a transformers architecture from a tiny config."""
+    import torch
+
+    if model_type is None:
+        from expertopt.models import TinyMoE
+
+        torch.manual_seed(0)
+        return TinyMoE(), "TinyMoE()"
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("--model needs transformers: pip install 'expertopt[hf]'") from None
+    from expertopt.routing.tiny_transformers import build_tiny_model
+
+    transformers.logging.set_verbosity_error()
+    try:
+        model = build_tiny_model(model_type)
+    except ValueError:
+        raise
+    except Exception as error:  # transformers could not build this config small
+        raise ValueError(
+            f"{model_type!r} does not build from a tiny config: {type(error).__name__}: {error}"
+        ) from None
+    return model, f"tiny {type(model).__name__}"
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -27,8 +27,9 @@ __all__ = [
 ]
 
 # Module-name components that mark an MoE router (Mixtral/Qwen/DeepSeek call it "gate"; JetMoE
-# and DBRX "router.layer", Hunyuan "gate.wg", Gemma-4 "router.proj", LongCat "router.classifier").
-ROUTER_NAMES = ("router", "gate", "shared_expert_gate")
+# and DBRX "router.layer", Hunyuan "gate.wg", Gemma-4 "router.proj", LongCat "router.classifier",
+# Doge "router_gate").
+ROUTER_NAMES = ("router", "gate", "router_gate", "shared_expert_gate")
 HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score")
 # State-space parameters (Mamba, gated delta nets): decay rates, skip and dt bias, AdamW without decay.
 SSM_NAMES = ("A_log", "D", "dt_bias")

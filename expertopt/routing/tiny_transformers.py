@@ -2,7 +2,8 @@
 expertopt groups --model`` shows and what the per-architecture tests and docs table route.
 
 Sizes are chosen so that every expert dimension differs: hidden 32, expert intermediate 48,
-dense intermediate 64, 4 experts (top-2), 2 layers, vocab 128. A ``[E, 2I, H]`` stack then reads
+dense intermediate 64, 4 experts (top-2), 2 layers, vocab 128, 4 heads without grouping (MLA
+models need as many key/value heads as query heads). A ``[E, 2I, H]`` stack then reads
 ``[4, 96, 32]`` and its ``[E, in, out]`` transpose ``[4, 32, 96]``, so a layout mistake cannot hide
 behind a square shape. Imports transformers only when called.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -21,7 +24,7 @@ HIDDEN, EXPERT_INTERMEDIATE, INTERMEDIATE, EXPERTS = 32, 48, 64, 4
 # Config fields (by the names transformers' configs use) set to small values where a config has them.
 TINY: dict[str, Any] = {
     "vocab_size": 128, "hidden_size": HIDDEN, "d_model": HIDDEN, "num_hidden_layers": 2,
-    "num_layers": 2, "n_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+    "num_layers": 2, "n_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8,
     "intermediate_size": INTERMEDIATE, "moe_intermediate_size": EXPERT_INTERMEDIATE,
     "expert_ffn_hidden_size": EXPERT_INTERMEDIATE, "ffn_hidden_size": INTERMEDIATE,
     "shared_expert_intermediate_size": INTERMEDIATE, "shared_intermediate_size": INTERMEDIATE,
@@ -39,34 +42,52 @@ TINY: dict[str, Any] = {
     "num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1, "mamba_n_heads": 4, "mamba_d_head": 16,
     "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 8, "mamba_d_state": 8,
     "index_n_heads": 2, "index_head_dim": 8, "o_lora_rank": 8, "moe_latent_size": None,
-    "router_hidden_size": 32, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8,
+    "router_hidden_size": 32, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 4, "swa_head_dim": 8,
     "moe_hidden_size": HIDDEN, "unpadded_vocab_size": 128, "d_rel": 8,
     "n_heads": 4,
 }  # fmt: skip
 # Nested or per-architecture settings the generic table cannot express.
 OVERRIDES: dict[str, dict[str, Any]] = {
     "dbrx": {
-        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": EXPERT_INTERMEDIATE, "moe_num_experts": EXPERTS, "moe_top_k": 2},
     },
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
     "zaya": {"num_experts_per_tok": 1},
-    "glm5_next_text": {"num_key_value_heads": 4},
-    "hy_v4_vl_text": {"num_key_value_heads": 4},
-    "dots3_note_text": {"num_key_value_heads": 4},
+    # Architectures whose default layer plan leaves two layers dense: ask for MoE layers.
+    "doge": {"is_moe": True},
+    "flint": {"decoder_sparse_step": 1},
+    "gemma4_text": {"enable_moe_block": True},
+    "nllb-moe": {"encoder_sparse_step": 1, "decoder_sparse_step": 1},
+    "beam": {"mlp_layer_types": ["sparse", "sparse"]},
+    "step3p5": {"mlp_layer_types": ["sparse", "sparse"], "sliding_window": 8},
+    "mimo_v2_flash": {"num_key_value_heads": 2},
+    "longcat_flash": {"moe_topk": 2},
 }
 # Config fields that mark a mixture of experts.
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "ffn_config")
 
 
 def moe_model_types() -> list[str]:
-    """Every model type of the installed transformers whose config declares routed experts."""
-    from transformers import CONFIG_MAPPING
+    """Every model type of the installed transformers whose config declares routed experts.
 
+    Config sources are scanned as text first, so only the few dozen candidate modules are
+    imported (importing all ~450 config modules costs seconds); the signature then decides.
+    """
+    import importlib.util
+
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    pattern = re.compile(r"^\s+(" + "|".join(EXPERT_FIELDS) + r")\s*[:=]", re.MULTILINE)
     found = []
-    for model_type, config_class in CONFIG_MAPPING.items():
-        fields = set(inspect.signature(config_class.__init__).parameters)
+    for model_type in CONFIG_MAPPING_NAMES:
+        module = model_type_to_module_name(model_type)
+        spec = importlib.util.find_spec(f"transformers.models.{module}.configuration_{module}")
+        if spec is None or spec.origin is None or not pattern.search(Path(spec.origin).read_text()):
+            continue
+        fields = set(inspect.signature(CONFIG_MAPPING[model_type].__init__).parameters)
         if fields & set(EXPERT_FIELDS):
             found.append(model_type)
     return sorted(found)
