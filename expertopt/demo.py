@@ -86,6 +86,8 @@ def format_table(config: DemoConfig, records: dict[str, Any]) -> str:
         "-" * len(header),
     ]
     spreads = []
+    if "muon" in records:
+        lines[0] += f"; Newton-Schulz in {records['muon']['ns_dtype'].replace('auto', 'bf16 (auto)')}"
     for name, record in records.items():
         sent = record["bytes_per_rank_per_step"]
         flops = record["ns_flops_per_rank_per_step"]
@@ -124,6 +126,10 @@ def plot_losses(config: DemoConfig, records: dict[str, Any], path: Path) -> Path
         axes.plot(steps[window - 1 :], smooth, color=color, label=f"{_LABELS[name]} train")
         held_steps, held_losses = zip(*record["heldout"], strict=True)
         axes.plot(held_steps, held_losses, "o--", color=color, label=f"{_LABELS[name]} held-out")
+    steps_run = len(next(iter(records.values()))["train_losses"])
+    if steps_run >= 20:  # the first steps (loss ~5.5 = ln 256) would flatten the rest of the curve
+        tail = [loss for record in records.values() for loss in record["train_losses"][steps_run // 10 :]]
+        axes.set_ylim(min(tail) - 0.05, max(tail) + 0.1)
     axes.set_xlabel("step")
     axes.set_ylabel("loss (nats per byte)")
     axes.set_title(f"{config.model}, {config.world} ranks, EP {config.ep}, ZeRO-{config.stage}")

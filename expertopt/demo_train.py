@@ -163,6 +163,7 @@ def _record(config: DemoConfig, name: str, losses: list[float], evals: list[tupl
     window = losses[-min(FINAL_WINDOW, len(losses)) :]
     return {
         "optimizer": name,
+        "ns_dtype": newton_schulz_dtype() if name == "muon" else None,
         "train_losses": losses,
         "heldout": evals,
         "train_loss": sum(window) / len(window),
