@@ -192,21 +192,26 @@ def test_cli_stops_before_starting_processes(capsys: pytest.CaptureFixture[str])
 
 
 def _muon_matrix_flops(model_name: str) -> int:
-    """Newton-Schulz FLOPs of one step over every Muon matrix of the model, each counted once."""
+    """Newton-Schulz FLOPs of one step over every Muon matrix of the model, each counted once, in
+    AutoEP's layout: the fused ``gate_up_proj [E, 2I, H]`` is two ``[E, I, H]`` stacks (w1, w3)."""
+    total = 0
     torch.manual_seed(0)
-    groups = expertopt.build_param_groups(build_model(model_name, 32), lr=0.02, adamw_lr=3e-3)
-    return sum(
-        ns_flops(tuple(p.shape), method=resolve_ns_method("standard", p.shape, p.device))
-        for group in groups
-        if group["use_muon"]
-        for p in group["params"]
-    )
+    for group in expertopt.build_param_groups(build_model(model_name, 32), lr=0.02, adamw_lr=3e-3):
+        for name, param in zip(group["param_names"], group["params"], strict=True):
+            if not group["use_muon"]:
+                continue
+            shapes = [param.shape]
+            if name.endswith("gate_up_proj"):
+                experts, rows, cols = param.shape
+                shapes = [(experts, rows // 2, cols)] * 2
+            total += sum(ns_flops(tuple(s), method=resolve_ns_method("standard", s, "cpu")) for s in shapes)
+    return total
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoConfig, dict, list[str]]:
     config = DemoConfig(
-        world=2, ep=1, steps=4, global_batch=4, seq_len=32, eval_every=2, eval_batches=1,
+        world=2, ep=2, steps=4, global_batch=4, seq_len=32, eval_every=2, eval_batches=1,
         out=tmp_path_factory.mktemp("demo"), progress=False,
     )  # fmt: skip
     lines: list[str] = []
@@ -230,17 +235,23 @@ def test_short_run_writes_table_plot_and_results(short_run) -> None:
 
 
 @pytest.mark.slow
-def test_short_run_counts_each_matrix_once_and_zero2_bytes(short_run) -> None:
+def test_short_run_counts_each_matrix_once_and_the_expected_bytes(short_run) -> None:
     _, result, _ = short_run
     muon, adamw = result["records"]["muon"], result["records"]["adamw"]
-    # F6: the ranks' Newton-Schulz FLOPs add up to one orthogonalization of every Muon matrix.
+    # F6: the ranks' Newton-Schulz FLOPs add up to one orthogonalization of every Muon matrix
+    # (dense ones split between the 2 DP ranks, each rank's 4 local experts on that rank).
     assert sum(muon["ns_flops_per_rank_per_step"]) == _muon_matrix_flops("qwen3_moe")
     assert adamw["ns_flops_per_rank_per_step"] == [0, 0]
-    # ZeRO-2 over 2 ranks without expert parallelism: each rank sends half the fp32 gradients
-    # (reduce to the partition owners) and half the fp32 parameters (all-gather), once per step.
-    numel = sum(p.numel() for p in build_model("qwen3_moe", 32).parameters())
-    per_op = adamw["bytes_by_op_rank0"]
-    assert per_op["deepspeed.reduce"] == per_op["deepspeed.all_gather_into_tensor"] == numel * 4 / 2
+    # ZeRO-2 at EP 2 over 2 ranks: each rank sends half the fp32 dense gradients (reduce to the
+    # partition owners) and half the fp32 dense parameters (all-gather) once per step; expert
+    # gradients stay home (expert-data-parallel groups of one rank); AutoEP moves the tokens.
+    torch.manual_seed(0)
+    model = build_model("qwen3_moe", 32)
+    dense = sum(p.numel() for name, p in model.named_parameters() if ".experts." not in name)
+    for record in (muon, adamw):
+        per_op = record["bytes_by_op_rank0"]
+        assert per_op["deepspeed.reduce"] == per_op["deepspeed.all_gather_into_tensor"] == dense * 4 / 2
+        assert per_op["deepspeed.all_to_all_single"] > 0
 
 
 @pytest.mark.slow
