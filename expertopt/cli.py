@@ -109,7 +109,7 @@ def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
         "--ep",
         type=int,
         default=None,
-        help="AutoEP expert-parallel size; 1: off (default: 2 if --world is even, else 1)",
+        help="AutoEP expert-parallel size; 1: every expert on every rank (default: 2 if --world is even, else 1)",
     )
     demo.add_argument("--stage", type=int, default=defaults.stage, help="ZeRO stage 0, 1 or 2 (default: 2)")
     demo.add_argument(
@@ -138,6 +138,12 @@ def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     )
     demo.add_argument("--muon-lr", type=float, default=defaults.muon_lr, help="Muon lr (default: 0.02)")
     demo.add_argument(
+        "--muon-adamw-lr",
+        type=float,
+        default=defaults.muon_adamw_lr,
+        help="lr of the Muon run's AdamW groups: embeddings, head, norms (default: 3e-3)",
+    )
+    demo.add_argument(
         "--adamw-lr", type=float, default=defaults.adamw_lr, help="AdamW baseline lr (default: 3e-3)"
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")  # fmt: skip
@@ -151,7 +157,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         config = DemoConfig(
             world=args.world, ep=args.ep, stage=args.stage, steps=args.steps, optimizer=args.optimizer,
             model=args.model, out=args.out, seed=args.seed, global_batch=args.global_batch,
-            muon_lr=args.muon_lr, adamw_lr=args.adamw_lr, progress=not args.no_progress,
+            muon_lr=args.muon_lr, muon_adamw_lr=args.muon_adamw_lr, adamw_lr=args.adamw_lr,
+            progress=not args.no_progress,
         )  # fmt: skip
     except ValueError as error:  # a combination that cannot run: say what to change, no traceback
         print(f"expertopt demo: {error}", file=sys.stderr)

@@ -32,7 +32,8 @@ PROCESSES_PER_CORE = 4
 
 
 def default_ep(world: int) -> int:
-    """EP 2 where the world is even (experts sharded over pairs of ranks), else 1 (no AutoEP)."""
+    """EP 2 where the world is even (experts sharded over pairs of ranks), else 1 (every rank
+    holds every expert)."""
     return 2 if world % 2 == 0 else 1
 
 
@@ -47,7 +48,8 @@ class DemoConfig:
     world: int = 4
     """Local CPU processes (gloo); 1 is a single process."""
     ep: int | None = None
-    """AutoEP expert-parallel size; must divide ``world``; 1 turns AutoEP off. None: :func:`default_ep`."""
+    """AutoEP expert-parallel size; must divide ``world``; 1 keeps every expert on every rank.
+    None: :func:`default_ep`."""
     stage: int = 2
     """ZeRO stage (0, 1 or 2)."""
     steps: int = 200

@@ -1,8 +1,8 @@
 """One rank of the demo: DeepSpeed engine, training loop, held-out evaluation, counters.
 
 Runs inside each process :func:`expertopt.demo.launch` starts. Every rank builds the same model
-from the same seed, hands it to :func:`expertopt.initialize` (AutoEP shards the experts when
-``ep > 1``; ZeRO partitions the rest), and trains on its slice of the global batch. Rank 0
+from the same seed, hands it to :func:`expertopt.initialize` (AutoEP shards the experts over
+``ep`` ranks; ZeRO partitions the rest), and trains on its slice of the global batch. Rank 0
 returns the per-step global mean losses, the held-out curve, and each rank's counted bytes and
 Newton-Schulz FLOPs.
 """
@@ -75,9 +75,11 @@ def deepspeed_config(config: DemoConfig, optimizer: str) -> dict[str, Any]:
         "gradient_clipping": 1.0,
         "steps_per_print": 1 << 30,
     }
-    if config.ep > 1:
-        preset = DEMO_MODELS[config.model].autoep_preset
-        ds_config["expert_parallel"] = {"enabled": True, "autoep_size": config.ep, "preset_model": preset}
+    # AutoEP at every size, 1 included: experts then always live in AutoEP's w1/w2/w3 layout, so
+    # Muon orthogonalizes the same matrices at every world and EP size (the fused gate_up_proj
+    # [E, 2I, H] would be one matrix per expert instead of two) and runs compare step for step.
+    preset = DEMO_MODELS[config.model].autoep_preset
+    ds_config["expert_parallel"] = {"enabled": True, "autoep_size": config.ep, "preset_model": preset}
     return ds_config
 
 
