@@ -103,6 +103,10 @@ class CollectiveBytes:
     def total(self) -> float:
         return sum(self.bytes_by_op.values())
 
+    def reset(self) -> None:
+        self.bytes_by_op.clear()
+        self.calls_by_op.clear()
+
     @contextmanager
     def counting(self) -> Iterator[None]:
         previous, self._active = self._active, True

@@ -128,7 +128,7 @@ def _train_one(config: DemoConfig, name: str, corpus: ByteCorpus, counter: Colle
     engine = _build_engine(config, name)
     heldout = corpus.heldout_batches(config.seed, config.eval_batches, config.global_batch, config.seq_len)
     losses, step_seconds, evals, flops = [], [], [], 0
-    counter.bytes_by_op.clear()
+    counter.reset()
     bar = _progress(config, name, rank)
     for step in range(config.steps):
         batch = corpus.train_batch(step, config.seed, config.global_batch, config.seq_len)[rows]
