@@ -1,6 +1,6 @@
 """``expertopt`` command line: run the demo, or show how parameters are routed to optimizers.
 
-    python -m expertopt demo [--steps N] [--seed S] [--threads T]
+    python -m expertopt demo [--world N] [--ep E] [--stage S] [--steps N] [--optimizer O] [--model M] [--out DIR]
     python -m expertopt groups [--model MODEL_TYPE] [--lr LR] [--adamw-lr LR] [--router {muon,adamw}]
                                [--expert-lr-mult M]
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from expertopt.param_groups import build_param_groups
@@ -41,16 +42,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="train a tiny MoE with Muon and with AdamW and compare losses")
-    demo.add_argument(
-        "--steps", type=_positive_int, default=300, help="training steps per optimizer (default: 300)"
+    demo = commands.add_parser(
+        "demo",
+        help="train a tiny transformers MoE on N CPU processes with DeepSpeed, Muon vs AdamW",
+        description="Distributed MoE training on the Python stdlib's source (byte tokens): DeepSpeed "
+        "ZeRO + AutoEP on local CPU processes, once with expertopt's Muon and once with AdamW.",
     )
-    demo.add_argument(
-        "--seed", type=int, default=0, help="seed of the initial weights and the data (default: 0)"
-    )
-    demo.add_argument(
-        "--threads", type=_positive_int, default=1, help="torch intra-op threads (default: 1, fastest here)"
-    )
+    _add_demo_arguments(demo)
 
     groups = commands.add_parser(
         "groups", help="print the param groups built for the tiny MoE model or a transformers architecture"
@@ -148,10 +146,73 @@ def _groups_model(model_type: str | None) -> tuple[Any, str]:
     return model, f"tiny {type(model).__name__}"
 
 
+def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
+    from expertopt.demo_config import OPTIMIZER_CHOICES, DemoConfig
+    from expertopt.demo_models import DEMO_MODELS
+
+    defaults = DemoConfig()
+    demo.add_argument(
+        "--world", type=int, default=defaults.world, help="CPU processes (default: 4; 1: one process)"
+    )
+    demo.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="AutoEP expert-parallel size; 1: every expert on every rank (default: 2 if --world is even, else 1)",
+    )
+    demo.add_argument("--stage", type=int, default=defaults.stage, help="ZeRO stage 0, 1 or 2 (default: 2)")
+    demo.add_argument(
+        "--steps", type=int, default=defaults.steps, help="training steps per optimizer (default: 200)"
+    )
+    demo.add_argument(
+        "--optimizer", choices=sorted(OPTIMIZER_CHOICES), default=defaults.optimizer, help="default: both"
+    )
+    demo.add_argument(
+        "--model", choices=sorted(DEMO_MODELS), default=defaults.model, help="default: qwen3_moe"
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=defaults.out,
+        help="directory for the plot and results (default: ./expertopt-demo)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the weights and the batches (default: 0)"
+    )
+    demo.add_argument(
+        "--global-batch",
+        type=int,
+        default=defaults.global_batch,
+        help="sequences per step, all ranks (default: 16)",
+    )
+    demo.add_argument("--muon-lr", type=float, default=defaults.muon_lr, help="Muon lr (default: 0.02)")
+    demo.add_argument(
+        "--muon-adamw-lr",
+        type=float,
+        default=defaults.muon_adamw_lr,
+        help="lr of the Muon run's AdamW groups: embeddings, head, norms (default: 3e-3)",
+    )
+    demo.add_argument(
+        "--adamw-lr", type=float, default=defaults.adamw_lr, help="AdamW baseline lr (default: 3e-3)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")  # fmt: skip
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from expertopt.demo import run_demo
+    from expertopt.demo_config import DemoConfig
 
-    run_demo(steps=args.steps, seed=args.seed, num_threads=args.threads)
+    try:
+        config = DemoConfig(
+            world=args.world, ep=args.ep, stage=args.stage, steps=args.steps, optimizer=args.optimizer,
+            model=args.model, out=args.out, seed=args.seed, global_batch=args.global_batch,
+            muon_lr=args.muon_lr, muon_adamw_lr=args.muon_adamw_lr, adamw_lr=args.adamw_lr,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except ValueError as error:  # a combination that cannot run: say what to change, no traceback
+        print(f"expertopt demo: {error}", file=sys.stderr)
+        return 2
+    run_demo(config)
     return 0
 
 

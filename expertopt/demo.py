@@ -1,184 +1,161 @@
-"""Muon vs. AdamW on :class:`expertopt.models.TinyMoE`, from the same weights and the same batches.
+"""``python -m expertopt demo``: distributed MoE training on real text, Muon against AdamW.
 
-Run (a) uses what expertopt is for: ``build_param_groups`` routes hidden matrices, the router and
-the stacked experts to Muon and the rest to AdamW, and ``MoEOptimizer`` steps the dense and the
-expert optimizer as one, so a single ``LambdaLR`` drives both. Run (b) is the usual baseline:
-AdamW over ``model.parameters()`` with its own (swept, see ``BASELINE_LR``) lr and the same
-schedule. ``python -m expertopt demo`` runs it in well under a minute on a 2-core CPU.
+Starts ``world`` local CPU processes (gloo, one torch thread each) and, in each, trains a tiny
+transformers Qwen3-MoE (from a config, no download) through :func:`expertopt.initialize`: DeepSpeed
+with ZeRO-2 and AutoEP expert parallelism (EP 2 by default), on the Python standard library's own
+source as byte-level tokens (:mod:`expertopt.demo_data`). It runs once with expertopt's Muon and
+once with AdamW, from the same weights, on the same batches, under the same warmup+cosine
+schedule, and prints a table (train and held-out loss, tokens/s, bytes each rank sends per step,
+Newton-Schulz FLOPs per rank per step) and the path of a PNG with both loss curves.
+
+Same settings, same numbers: losses, bytes and FLOPs repeat exactly on the same machine; tokens/s
+is wall clock and the table states its spread.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
+import json
+import os
+import socket
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 
-from expertopt.models import TinyMoE, TinyMoEConfig, make_batch
-from expertopt.optim import AdamW, MoEOptimizer, Muon
-from expertopt.param_groups import build_param_groups
+from expertopt.demo_config import DemoConfig
 
-__all__ = [
-    "ADAMW_LR",
-    "BASELINE_LR",
-    "MUON_LR",
-    "build_adamw",
-    "build_muon",
-    "run_demo",
-    "smoothed_endpoints",
-    "torch_threads",
-    "train",
-    "warmup_cosine",
-]
+__all__ = ["PLOT_NAME", "RESULTS_NAME", "format_table", "launch", "plot_losses", "run_demo"]
 
-MUON_LR = 0.02
-# Baseline lr: best final loss of {1e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2} on the default demo (seeds
-# 0-2). Run (a) uses it for its AdamW half too, so the two runs differ only on the matrices.
-BASELINE_LR = 1e-2
-ADAMW_LR = BASELINE_LR
+PLOT_NAME = "demo_loss.png"
+RESULTS_NAME = "demo_results.json"
+_LABELS = {"muon": "Muon (expertopt)", "adamw": "AdamW"}
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, final_ratio: float = 0.1) -> Callable[[int], float]:
-    """``LambdaLR`` factor: linear warmup to 1, then cosine decay to ``final_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def build_muon(model: nn.Module, lr: float = MUON_LR, adamw_lr: float = ADAMW_LR) -> MoEOptimizer:
-    """Run (a): expertopt's routing, Muon for matrices and experts, AdamW for the rest."""
-    groups = build_param_groups(model, lr=lr, adamw_lr=adamw_lr)
-    # ns_dtype="auto" is bf16 on CPU; the dense and expert optimizer share these defaults.
-    return MoEOptimizer.from_groups(groups, Muon, lr=lr, ns_dtype="auto")
+def _rank_main(rank: int, config: DemoConfig, port: int, out_file: str) -> None:
+    """Entry point of each spawned process: environment, process group, training."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(config.world), LOCAL_SIZE=str(config.world), DS_ACCELERATOR="cpu",
+    )  # fmt: skip
+    torch.set_num_threads(1)  # tiny matrices: intra-op threads cost more than they save
+    import deepspeed
+    import torch.distributed as dist
 
+    from expertopt.demo_train import train_rank
 
-def build_adamw(model: nn.Module, lr: float = BASELINE_LR) -> AdamW:
-    """Run (b): one AdamW over every parameter, betas as in run (a)'s AdamW half."""
-    return AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-
-
-def train(
-    model: TinyMoE,
-    optimizer: Optimizer,
-    *,
-    steps: int,
-    batch_size: int,
-    seed: int,
-    label: str,
-    log_every: int = 0,
-    print_fn: Callable[[str], None] = print,
-) -> list[float]:
-    """Train under a warmup+cosine ``LambdaLR``; returns the loss of every step.
-
-    Batches come from a generator seeded with ``seed``, so two runs see the same data order.
-    """
-    scheduler = LambdaLR(optimizer, warmup_cosine(max(1, steps // 10), steps))
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(steps):
-        inputs, targets = make_batch(model.config, batch_size, generator)
-        lr = optimizer.param_groups[0]["lr"]  # scheduled lr (before lr_mult) this step uses
-        loss = model.loss(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print_fn(f"[{label:>5}] step {step:4d}  loss {loss.item():.4f}  lr {lr:.2e}")
-    return losses
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Run with ``num_threads`` intra-op threads (None: leave torch's setting), then restore."""
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     try:
-        yield
+        records = train_rank(config)
+        if records is not None:
+            torch.save(records, out_file)
     finally:
-        torch.set_num_threads(previous)
+        dist.destroy_process_group()
 
 
-def smoothed_endpoints(losses: list[float], window: int) -> tuple[float, float]:
-    """Mean loss over the first and over the last ``window`` steps."""
-    window = max(1, min(window, len(losses)))
-    return sum(losses[:window]) / window, sum(losses[-window:]) / window
+def launch(config: DemoConfig) -> dict[str, Any]:
+    """Run the demo's ranks as ``config.world`` spawned processes; rank 0's records."""
+    import torch.multiprocessing as mp
+
+    os.environ["DS_ACCELERATOR"] = "cpu"  # children inherit it before they import deepspeed
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "records.pt")
+        mp.start_processes(
+            _rank_main, args=(config, _free_port(), out_file), nprocs=config.world, join=True,
+            start_method="spawn",
+        )  # fmt: skip
+        return torch.load(out_file, weights_only=False)
 
 
-def format_table(rows: dict[str, dict[str, Any]], window: int) -> str:
-    """The end-points table: one row per run, then Muon's final loss relative to AdamW's."""
+def format_table(config: DemoConfig, records: dict[str, Any]) -> str:
+    """The results table, its settings line and what repeats exactly and what is noise."""
+    header = (f"{'optimizer':<17} {'train loss':>10} {'held-out':>9} {'tokens/s':>9} "
+              f"{'MB/rank/step':>12} {'NS GFLOP/rank/step':>18}")  # fmt: skip
     lines = [
-        f"{'optimizer':<28} {'first loss':>10} {'final loss':>10} {'time (s)':>9}",
-        "-" * 60,
+        f"{config.model}, world {config.world}, EP {config.ep}, ZeRO-{config.stage}, {config.steps} steps of "
+        f"{config.global_batch} x {config.seq_len} bytes, seed {config.seed}",
+        header,
+        "-" * len(header),
     ]
-    for row in rows.values():
-        lines.append(f"{row['label']:<28} {row['first']:>10.4f} {row['final']:>10.4f} {row['seconds']:>9.1f}")
-    lines.append(f"(losses are means over the first / last {window} steps)")
-    if rows.get("adamw", {}).get("final") and "muon" in rows:
-        lines.append(f"final loss Muon / AdamW: {rows['muon']['final'] / rows['adamw']['final']:.3g}")
+    spreads = []
+    if "muon" in records:
+        lines[0] += f"; Newton-Schulz in {records['muon']['ns_dtype'].replace('auto', 'bf16 (auto)')}"
+    for name, record in records.items():
+        sent = record["bytes_per_rank_per_step"]
+        flops = record["ns_flops_per_rank_per_step"]
+        lines.append(
+            f"{_LABELS[name]:<17} {record['train_loss']:>10.4f} {record['heldout_loss']:>9.4f} "
+            f"{record['tokens_per_second']:>9.0f} {max(sent) / 1e6:>12.3f} {max(flops) / 1e9:>18.4f}"
+        )
+        low, median, high = record["step_seconds_quartiles"]
+        spreads.append(f"{name} {100 * (high - low) / median:.0f}%")
+    lines += [
+        "losses: nats per byte (train: mean of the last 20 steps). MB and GFLOP: the busiest rank "
+        "(Newton-Schulz counted with torch's FlopCounterMode in the optimizer step).",
+        "Same settings and seed repeat losses, MB and GFLOP exactly; tokens/s is wall clock (median "
+        f"step; interquartile spread of step times: {', '.join(spreads)}).",
+    ]
+    if set(records) == {"muon", "adamw"}:
+        ratio = records["muon"]["heldout_loss"] / records["adamw"]["heldout_loss"]
+        lines.append(f"held-out loss Muon / AdamW: {ratio:.3f}")
     return "\n".join(lines)
 
 
-def run_demo(
-    steps: int = 300,
-    seed: int = 0,
-    *,
-    batch_size: int = 32,
-    config: TinyMoEConfig | None = None,
-    muon_lr: float = MUON_LR,
-    adamw_lr: float = ADAMW_LR,
-    baseline_lr: float = BASELINE_LR,
-    log_every: int | None = None,
-    num_threads: int | None = 1,
-    print_fn: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train TinyMoE with Muon (expertopt) and with AdamW from the same init; print and return losses.
+def plot_losses(config: DemoConfig, records: dict[str, Any], path: Path) -> Path:
+    """Train (light: per step; dark: 10-step mean) and held-out loss of each run, one PNG."""
+    import matplotlib
 
-    ``num_threads=1`` by default: on these tiny matrices intra-op threads cost more in
-    synchronization than they save, and on a busy 2-core machine two threads made each step 6-8x
-    slower (measured). Returns ``{"muon": [...], "adamw": [...], "endpoints": {label: {"first",
-    "final", "seconds"}}}`` where the lists hold every step's loss.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    log_every = max(1, steps // 6) if log_every is None else log_every
-    torch.manual_seed(seed)
-    model = TinyMoE(config)
-    initial_state = copy.deepcopy(model.state_dict())
-    runs = {
-        "muon": (f"Muon+AdamW (lr {muon_lr:g}/{adamw_lr:g})", lambda m: build_muon(m, muon_lr, adamw_lr)),
-        "adamw": (f"AdamW (lr {baseline_lr:g})", lambda m: build_adamw(m, baseline_lr)),
-    }
-    results: dict[str, Any] = {"endpoints": {}}
-    window = max(1, min(20, steps // 10))
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for (name, record), color in zip(records.items(), ("tab:blue", "tab:orange"), strict=False):
+        losses = torch.tensor(record["train_losses"])
+        steps = torch.arange(1, len(losses) + 1)
+        window = min(10, len(losses))
+        smooth = losses.unfold(0, window, 1).mean(dim=1)
+        axes.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+        axes.plot(steps[window - 1 :], smooth, color=color, label=f"{_LABELS[name]} train")
+        held_steps, held_losses = zip(*record["heldout"], strict=True)
+        axes.plot(held_steps, held_losses, "o--", color=color, label=f"{_LABELS[name]} held-out")
+    steps_run = len(next(iter(records.values()))["train_losses"])
+    if steps_run >= 20:  # the first steps (loss ~5.5 = ln 256) would flatten the rest of the curve
+        tail = [loss for record in records.values() for loss in record["train_losses"][steps_run // 10 :]]
+        axes.set_ylim(min(tail) - 0.05, max(tail) + 0.1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per byte)")
+    axes.set_title(f"{config.model}, {config.world} ranks, EP {config.ep}, ZeRO-{config.stage}")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def run_demo(config: DemoConfig | None = None, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train, then print the table and the plot's path; returns the records and the output paths."""
+    config = config or DemoConfig()
     print_fn(
-        f"{steps} steps, batch {batch_size}; 'lr' is the scheduled lr (AdamW groups of the Muon run x lr_mult)"
+        f"expertopt demo: {config.world} CPU process(es), {config.model}, EP {config.ep}, ZeRO-{config.stage}, "
+        f"{config.steps} steps, optimizers {', '.join(config.optimizers)}"
     )
-    for key, (label, build) in runs.items():
-        model.load_state_dict(initial_state)
-        start = time.perf_counter()
-        with torch_threads(num_threads):
-            losses = train(
-                model, build(model), steps=steps, batch_size=batch_size, seed=seed, label=key,
-                log_every=log_every, print_fn=print_fn,
-            )  # fmt: skip
-        first, final = smoothed_endpoints(losses, window)
-        results[key] = losses
-        seconds = time.perf_counter() - start
-        results["endpoints"][key] = {"label": label, "first": first, "final": final, "seconds": seconds}
-    print_fn(format_table(results["endpoints"], window))
-    return results
+    start = time.perf_counter()
+    records = launch(config)
+    plot = plot_losses(config, records, config.out / PLOT_NAME)
+    results = config.out / RESULTS_NAME
+    results.write_text(
+        json.dumps({"settings": config.summary() | {"out": str(config.out)}, "runs": records}, indent=1)
+    )
+    print_fn(format_table(config, records))
+    print_fn(f"loss curves: {plot}\nall numbers: {results}\n({time.perf_counter() - start:.0f} s in total)")
+    return {"records": records, "plot": plot, "results": results}
