@@ -89,6 +89,8 @@ _GRAM_AUTO_MIN_ASPECT_RATIO = 4
 _ACCELERATOR_TYPES = ("cuda", "xpu")
 # See _chunk_size: the working set of one batched call on CPU, sized to the L2 of the bench machine.
 _CPU_CHUNK_BYTES = 1 << 20
+# Smaller matrices are never chunked (see _chunk_size): 64 KiB is a 128 x 256 bf16 matrix.
+_CPU_CHUNK_MIN_MATRIX_BYTES = 64 << 10
 
 
 def resolve_ns_method(method: str, shape: torch.Size | tuple[int, ...], device: torch.device) -> str:
@@ -309,10 +311,16 @@ def _chunk_size(X: torch.Tensor, compute_dtype: torch.dtype) -> int:
     in ~1 MiB chunks keeps both the cache locality and the batching win for small matrices (whose
     chunks still hold hundreds of experts): measured never slower than the loop, see
     docs/benchmarks.md.
+
+    Matrices under ``_CPU_CHUNK_MIN_MATRIX_BYTES`` always go in one call: their GEMMs are
+    dispatch-bound, and chunking them would make an optimizer step's op count grow with the
+    number of layers (issue 12); the losses chunking fixed were measured at 256 KiB matrices and up.
     """
     if X.device.type != "cpu":
         return X.shape[0]
     matrix_bytes = X.shape[-2] * X.shape[-1] * compute_dtype.itemsize
+    if matrix_bytes < _CPU_CHUNK_MIN_MATRIX_BYTES:
+        return X.shape[0]
     return max(1, _CPU_CHUNK_BYTES // matrix_bytes)
 
 
