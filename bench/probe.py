@@ -19,6 +19,7 @@ mode, views and ``empty`` included; a foreach op is one op (on a GPU it is a few
 from __future__ import annotations
 
 import os
+import weakref
 from collections import Counter
 from collections.abc import Callable
 
@@ -27,10 +28,19 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspe
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import expertopt
 
-__all__ = ["PROBE_OPTIMIZERS", "OpCounter", "ProbeMoE", "count_step_ops", "probe_optimizer"]
+__all__ = [
+    "PROBE_OPTIMIZERS",
+    "OpCounter",
+    "PeakMemory",
+    "ProbeMoE",
+    "count_step_ops",
+    "peak_step_memory",
+    "probe_optimizer",
+]
 
 NUM_EXPERTS = 16
 
@@ -152,3 +162,53 @@ def count_step_ops(optimizer: torch.optim.Optimizer) -> OpCounter:
     with torch.compiler.set_stance("force_eager"), torch.no_grad(), OpCounter() as counter:
         optimizer.step()
     return counter
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of the storages allocated by ops while active and still referenced.
+
+    An op output whose storage is not one of its inputs' is a new allocation; it counts until the
+    last tensor object that refers to it, view or not, is collected. Storages that existed before
+    (parameters, state, a plan's workspace) are never counted: this is the step's *extra* memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, list[int]] = {}  # data_ptr -> [live tensor objects, bytes]
+
+    def _release(self, pointer: int) -> None:
+        entry = self._refs[pointer]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._refs[pointer]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
+        for tensor in tree_leaves(result):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer in inputs and pointer not in self._refs:
+                continue  # in place, out= or a view of a storage that predates the mode
+            if pointer not in self._refs:
+                self._refs[pointer] = [0, storage.nbytes()]
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            self._refs[pointer][0] += 1
+            weakref.finalize(tensor, self._release, pointer)
+        return result
+
+
+def peak_step_memory(optimizer: torch.optim.Optimizer) -> int:
+    """Peak extra bytes one ``optimizer.step()`` allocates (see :class:`PeakMemory`)."""
+    with torch.compiler.set_stance("force_eager"), torch.no_grad(), PeakMemory() as memory:
+        optimizer.step()
+    return memory.peak
