@@ -83,18 +83,22 @@ def _buckets(optimizer: expertopt.Muon) -> list[tuple[int, int, int]]:
 
 
 def _gemms_alone(optimizer: expertopt.Muon) -> Callable[[], None]:
-    """The step's Newton-Schulz products as plain bf16 bmm on pre-made tensors: nothing else."""
+    """The step's Newton-Schulz products as plain bf16 bmm on pre-made tensors: nothing else.
+
+    Same operand layouts as the kernel (``X X^T`` reads ``X.mT``, a view): on this CPU a bmm on
+    a transposed view runs at a different rate than on a contiguous copy.
+    """
     steps = optimizer.param_groups[0]["ns_steps"]
     operands = []
     for batch, short, long in _buckets(optimizer):
         X = torch.randn(batch, short, long, dtype=torch.bfloat16)
         A = torch.randn(batch, short, short, dtype=torch.bfloat16)
-        operands.append((X, X.mT.contiguous(), A))
+        operands.append((X, A))
 
     def run() -> None:
-        for X, Xt, A in operands:
+        for X, A in operands:
             for _ in range(steps):
-                torch.bmm(X, Xt)  # A = X X^T
+                torch.bmm(X, X.mT)  # A = X X^T
                 torch.bmm(A, A)  # A A
                 torch.bmm(A, X)  # B X
 
