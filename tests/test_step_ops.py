@@ -11,6 +11,8 @@ import copy
 import dataclasses
 import io
 
+import pytest
+
 import torch
 
 import expertopt
@@ -180,3 +182,24 @@ def test_whole_step_of_a_muon_only_optimizer_compiles_without_graph_breaks():
     twin_params = [p for g in twin.param_groups for p in g["params"]]
     for p, q in zip(params, twin_params, strict=True):
         assert torch.equal(p, q)
+
+
+def test_orthogonalize_writes_scaled_result_into_out_even_when_out_is_the_input():
+    from expertopt.kernels import orthogonalize
+
+    G = torch.randn(6, 12, 20)
+    tall = torch.randn(3, 20, 12)
+    scale = torch.full((1, 1, 1), -0.5)
+    for matrices in (G, tall):
+        expected = -0.5 * orthogonalize(matrices, dtype="float32")
+        aliased = matrices.clone()
+        result = orthogonalize(aliased, dtype="float32", out=aliased, out_scale=scale)
+        assert result is aliased
+        torch.testing.assert_close(aliased, expected, atol=1e-6, rtol=0)
+
+
+def test_plan_for_other_parameters_is_refused():
+    params, grads, buffers = _stacks()
+    plan = plan_muon_step(params[:2], buffers[:2], HYPER, is_expert=True)
+    with pytest.raises(ValueError, match="re-plan"):
+        muon_step(params, grads, buffers, HYPER, is_expert=True, plan=plan)
