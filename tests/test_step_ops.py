@@ -12,7 +12,6 @@ import dataclasses
 import io
 
 import pytest
-
 import torch
 
 import expertopt
