@@ -221,8 +221,9 @@ class GroupedOptimizer(Optimizer):
     def _count_skipped(self, guard: DeviceGuard) -> None:
         """Count a masked step on the device; unless ``capturable``, read it once to warn (F10)."""
         skipped = guard.found_inf
-        counter = self._device_nonfinite_steps
-        self._device_nonfinite_steps = skipped.clone() if counter is None else counter + skipped
+        if self._device_nonfinite_steps is None:
+            self._device_nonfinite_steps = torch.zeros_like(skipped)
+        self._device_nonfinite_steps.add_(skipped)  # in place: the same tensor step after step
         if not self.capturable and skipped.item():
             warn_skipped(self, stacklevel=5)
 
