@@ -82,7 +82,7 @@ def _buckets(optimizer: expertopt.Muon) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def _gemms_alone(optimizer: expertopt.Muon) -> Callable[[], None]:
+def _gemms_alone(optimizer: expertopt.Muon, dtype: torch.dtype = torch.bfloat16) -> Callable[[], None]:
     """The step's Newton-Schulz products as plain bf16 bmm on pre-made tensors: nothing else.
 
     Same operand layouts as the kernel (``X X^T`` reads ``X.mT``, a view): on this CPU a bmm on
@@ -91,8 +91,8 @@ def _gemms_alone(optimizer: expertopt.Muon) -> Callable[[], None]:
     steps = optimizer.param_groups[0]["ns_steps"]
     operands = []
     for batch, short, long in _buckets(optimizer):
-        X = torch.randn(batch, short, long, dtype=torch.bfloat16)
-        A = torch.randn(batch, short, short, dtype=torch.bfloat16)
+        X = torch.randn(batch, short, long, dtype=dtype)
+        A = torch.randn(batch, short, short, dtype=dtype)
         operands.append((X, A))
 
     def run() -> None:
