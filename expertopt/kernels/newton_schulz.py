@@ -89,6 +89,8 @@ _GRAM_AUTO_MIN_ASPECT_RATIO = 4
 _ACCELERATOR_TYPES = ("cuda", "xpu")
 # See _chunk_size: the working set of one batched call on CPU, sized to the L2 of the bench machine.
 _CPU_CHUNK_BYTES = 1 << 20
+# Smaller matrices are never chunked (see _chunk_size): 64 KiB is a 128 x 256 bf16 matrix.
+_CPU_CHUNK_MIN_MATRIX_BYTES = 64 << 10
 
 
 def resolve_ns_method(method: str, shape: torch.Size | tuple[int, ...], device: torch.device) -> str:
@@ -241,6 +243,8 @@ def orthogonalize(
     coefficients: tuple[float, float, float] = DEFAULT_NS_COEFFICIENTS,
     eps: float = DEFAULT_EPS,
     dtype: str | torch.dtype = "auto",
+    out: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Approximate polar factor :math:`UV^T` of every matrix of ``G: [..., m, n]`` in one batched call.
 
@@ -248,6 +252,12 @@ def orthogonalize(
     table. ``dtype`` is the compute dtype (see :func:`resolve_ns_dtype`). The result is a new
     contiguous tensor of ``G.shape`` and ``G.dtype``; a zero matrix maps to zeros. On CPU the
     batch runs in cache-sized chunks (see ``_chunk_size``), which does not change the result.
+
+    For the optimizer step (issue 12): ``out`` (contiguous, ``G.shape``; it may be ``G`` itself,
+    every chunk is read before it is written) receives the result, and ``out_scale`` (a tensor
+    broadcastable to ``[1, 1, 1]``, typically fp32 ``-lr * AdjustLR``) multiplies it on the way
+    out, so the cast back from the compute dtype, the transpose of tall matrices and the lr scaling
+    are one memory pass, computed in ``out_scale``'s dtype.
     """
     if not isinstance(G, torch.Tensor) or G.ndim < 2:
         shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
@@ -262,24 +272,35 @@ def orthogonalize(
     compute_dtype = resolve_ns_dtype(dtype, G.device, method)
 
     m, n = G.shape[-2:]
+    if out is None:
+        out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
+    elif out.shape != G.shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of shape {tuple(G.shape)}, got {tuple(out.shape)}")
     if G.numel() == 0:
-        return torch.zeros_like(G)
+        return out
     scale = _POLAR_EXPRESS_SAFETY if method == "polar_express" else 1.0
     schedule = _coefficient_schedule(method, steps, coefficients)
     # Gram saves nothing on a square matrix, so it runs the standard iteration there.
     iterate = _gram_iterations if method == "gram" and m != n else _standard_iterations
-    # One flat batch dim so every product is a single bmm/baddbmm call.
-    X = G.reshape(-1, m, n)
-    out = torch.empty(X.shape, dtype=G.dtype, device=G.device)
+    # One flat batch dim so every product is a single bmm/baddbmm call (no reshape op when the
+    # input already has one: each op is a kernel launch on a GPU, issue 12).
+    X = G if G.ndim == 3 else G.reshape(-1, m, n)
+    flat_out = out if out.ndim == 3 else out.view(-1, m, n)
     chunk = _chunk_size(X, compute_dtype)
     for start in range(0, X.shape[0], chunk):
-        Y = X[start : start + chunk]
+        whole = chunk >= X.shape[0]
+        Y = X if whole else X[start : start + chunk]
         # Tall matrices are transposed (a view; _normalize materializes it) so that A = XX^T is
         # min(m, n) square, and transposed back on the way out.
         Y = Y.mT if m > n else Y
         Y = iterate(_normalize(Y, compute_dtype, eps, scale), schedule)
-        out[start : start + chunk] = Y.mT if m > n else Y  # also the cast back to G.dtype
-    return out.reshape(G.shape)
+        Y = Y.mT if m > n else Y
+        target = flat_out if whole else flat_out[start : start + chunk]
+        if out_scale is None:
+            target.copy_(Y)  # also the cast back to out.dtype
+        else:
+            torch.mul(Y, out_scale, out=target)
+    return out
 
 
 def _chunk_size(X: torch.Tensor, compute_dtype: torch.dtype) -> int:
@@ -290,10 +311,16 @@ def _chunk_size(X: torch.Tensor, compute_dtype: torch.dtype) -> int:
     in ~1 MiB chunks keeps both the cache locality and the batching win for small matrices (whose
     chunks still hold hundreds of experts): measured never slower than the loop, see
     docs/benchmarks.md.
+
+    Matrices under ``_CPU_CHUNK_MIN_MATRIX_BYTES`` always go in one call: their GEMMs are
+    dispatch-bound, and chunking them would make an optimizer step's op count grow with the
+    number of layers (issue 12); the losses chunking fixed were measured at 256 KiB matrices and up.
     """
     if X.device.type != "cpu":
         return X.shape[0]
     matrix_bytes = X.shape[-2] * X.shape[-1] * compute_dtype.itemsize
+    if matrix_bytes < _CPU_CHUNK_MIN_MATRIX_BYTES:
+        return X.shape[0]
     return max(1, _CPU_CHUNK_BYTES // matrix_bytes)
 
 

@@ -8,20 +8,25 @@ What lives here, once:
 - ``lr_mult``: per-group ratios kept as multipliers applied at step time, so a scheduler that
   writes one scalar lr into every group (DeepSpeed ``WarmupLR``) cannot erase them (F2);
 - the non-finite guard: a step whose gradients hold inf/NaN touches neither parameters nor
-  state (F10), is counted and warned about.
+  state (F10), is counted and warned about. Single-process steps decide it on the device (the
+  flag masks the update, issue 12), so the step itself needs no host sync; the warning reads the
+  flag once after the step is queued, and ``capturable=True`` drops that read too (the count
+  stays on the device until ``nonfinite_steps`` is read). Engines whose ranks must agree before
+  communicating (``shared_finite_check``) decide on the host, before any group steps.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
+    "DeviceGuard",
     "GroupedOptimizer",
     "SharedFiniteCheck",
     "effective_lr",
@@ -29,6 +34,8 @@ __all__ = [
     "group_label",
     "param_label",
     "skip_nonfinite_step",
+    "step_lr",
+    "warn_skipped",
 ]
 
 
@@ -39,6 +46,27 @@ def _scalar(value: float | Tensor) -> float:
 def effective_lr(group: dict[str, Any]) -> float:
     """The lr a group steps with: the (scheduled) ``lr`` times the group's ``lr_mult``."""
     return _scalar(group["lr"]) * group.get("lr_mult", 1.0)
+
+
+def step_lr(group: dict[str, Any]) -> float | Tensor:
+    """:func:`effective_lr` without a host sync: a tensor lr stays a tensor (one op with ``lr_mult``)."""
+    lr, mult = group["lr"], group.get("lr_mult", 1.0)
+    if not isinstance(lr, Tensor):
+        return float(lr) * mult
+    return lr if mult == 1.0 else lr * mult
+
+
+class DeviceGuard(NamedTuple):
+    """This step's non-finite verdict, on the device: ``finite`` (0-dim bool) masks the Muon update,
+    ``found_inf`` (0-dim float, 1.0 when a gradient is non-finite) is what torch's fused AdamW takes."""
+
+    finite: Tensor
+    found_inf: Tensor
+
+    @classmethod
+    def from_grads(cls, grads: list[Tensor]) -> DeviceGuard:
+        flag = finite_flag(grads)
+        return cls(finite=flag.bool(), found_inf=1.0 - flag)
 
 
 def group_label(group: dict[str, Any], index: int) -> str:
@@ -78,9 +106,13 @@ class GroupedOptimizer(Optimizer):
     state for one parameter) and :meth:`_step_group` (the update rule for one group).
     """
 
-    def __init__(self, params: Any, defaults: dict[str, Any], *, skip_nonfinite: bool = True) -> None:
+    def __init__(
+        self, params: Any, defaults: dict[str, Any], *, skip_nonfinite: bool = True, capturable: bool = False
+    ) -> None:
         self.skip_nonfinite = skip_nonfinite
-        self.nonfinite_steps = 0
+        self.capturable = capturable
+        self._host_nonfinite_steps = 0
+        self._device_nonfinite_steps: Tensor | None = None
         # Set by engine adapters when each rank holds only a partition of the gradients (ZeRO-1/2).
         self.shared_finite_check: SharedFiniteCheck | None = None
         super().__init__(params, defaults)
@@ -140,6 +172,16 @@ class GroupedOptimizer(Optimizer):
             for position, param in enumerate(group["params"]):
                 self._init_state(group, param, position)
 
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (reads the device counter: one sync, on demand)."""
+        device = self._device_nonfinite_steps
+        return self._host_nonfinite_steps + (int(device.item()) if device is not None else 0)
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: int) -> None:
+        self._host_nonfinite_steps, self._device_nonfinite_steps = value, None
+
     # -- checkpoints -------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then re-complete groups and fill state a checkpoint lacked (e.g. torch.optim.Muon's
@@ -159,15 +201,37 @@ class GroupedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not skip_nonfinite_step(self, self.all_grads()):
-            self._step_groups()
+        grads = self.all_grads()
+        if self.skip_nonfinite and self._guard_on_device():
+            guard = DeviceGuard.from_grads(grads)
+            self._step_groups(guard)
+            self._count_skipped(guard)
+        elif not skip_nonfinite_step(self, grads):
+            self._step_groups(None)
         return loss
 
-    def _step_groups(self) -> None:
-        for group in self.param_groups:
-            self._step_group(group)
+    def _guard_on_device(self) -> bool:
+        """Whether every group can mask its own update with a device flag (else the host decides).
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+        Not when ranks must agree before communicating (``shared_finite_check``); subclasses add
+        their own conditions (e.g. an AdamW group that does not run torch's fused kernel).
+        """
+        return self.shared_finite_check is None
+
+    def _count_skipped(self, guard: DeviceGuard) -> None:
+        """Count a masked step on the device; unless ``capturable``, read it once to warn (F10)."""
+        skipped = guard.found_inf
+        if self._device_nonfinite_steps is None:
+            self._device_nonfinite_steps = torch.zeros_like(skipped)
+        self._device_nonfinite_steps.add_(skipped)  # in place: the same tensor step after step
+        if not self.capturable and skipped.item():
+            warn_skipped(self, stacklevel=5)
+
+    def _step_groups(self, guard: DeviceGuard | None) -> None:
+        for group in self.param_groups:
+            self._step_group(group, guard)
+
+    def _step_group(self, group: dict[str, Any], guard: DeviceGuard | None) -> None:
         raise NotImplementedError
 
     def effective_lrs(self) -> list[float]:
@@ -204,7 +268,8 @@ groups of one step (DeepSpeed's ZeRO steps the optimizer one group at a time).""
 def skip_nonfinite_step(owner: Any, grads: list[Tensor]) -> bool:
     """True (and counted in ``owner.nonfinite_steps``, and warned) when a gradient holds inf/NaN.
 
-    One host sync per step: the price of never folding a bad gradient into momentum (F10). Under
+    The host-side guard (see the module docstring for the device-side one): one host sync before
+    the step, the price of never folding a bad gradient into momentum (F10). Under
     sharding (``owner.shared_finite_check`` set by an engine adapter) every rank takes the same
     decision, so that none skips a step, and its collectives, that another one takes, and no
     partition of a model steps while another stands still.
@@ -219,13 +284,17 @@ def skip_nonfinite_step(owner: Any, grads: list[Tensor]) -> bool:
         return True  # another group of a step already counted (engines step group by group)
     owner._skipped_step = step
     owner.nonfinite_steps += 1
+    warn_skipped(owner, stacklevel=5)
+    return True
+
+
+def warn_skipped(owner: Any, stacklevel: int) -> None:
     warnings.warn(
         f"{type(owner).__name__}: non-finite gradient, step skipped; parameters and optimizer state "
         f"are unchanged ({owner.nonfinite_steps} skipped so far)",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
-    return True
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:

@@ -14,10 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from expertopt.optim._base import GroupedOptimizer, check_betas, check_lr, check_nonnegative, effective_lr
-from expertopt.updates.adamw import adamw_step
+from expertopt.optim._base import (
+    DeviceGuard,
+    GroupedOptimizer,
+    check_betas,
+    check_lr,
+    check_nonnegative,
+    effective_lr,
+    step_lr,
+)
+from expertopt.updates.adamw import adamw_step, choose_adamw_impl
 
-__all__ = ["AdamW", "init_adamw_state", "step_adamw_group"]
+__all__ = ["AdamW", "adamw_group_is_fused", "init_adamw_state", "step_adamw_group"]
 
 
 def init_adamw_state(state: dict[str, Any], param: Tensor, amsgrad: bool) -> None:
@@ -31,8 +39,19 @@ def init_adamw_state(state: dict[str, Any], param: Tensor, amsgrad: bool) -> Non
         state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
-def step_adamw_group(optimizer: GroupedOptimizer, group: dict[str, Any]) -> None:
-    """One AdamW step over the parameters of ``group`` that have gradients."""
+def adamw_group_is_fused(group: dict[str, Any]) -> bool:
+    """Whether ``group`` steps with torch's fused kernel, the one that takes a device ``found_inf``."""
+    return choose_adamw_impl(group["params"], group.get("fused"), group.get("foreach"))[0]
+
+
+def step_adamw_group(
+    optimizer: GroupedOptimizer, group: dict[str, Any], guard: DeviceGuard | None = None
+) -> None:
+    """One AdamW step over the parameters of ``group`` that have gradients.
+
+    With ``guard`` (fused kernel only) the kernel itself skips a non-finite step: torch's fused
+    AdamW leaves parameters, moments and step counts untouched where ``found_inf`` is 1.
+    """
     params, grads = optimizer._grads_of(group)
     states = [optimizer.state[p] for p in params]
     amsgrad = group.get("amsgrad", False)
@@ -43,7 +62,7 @@ def step_adamw_group(optimizer: GroupedOptimizer, group: dict[str, Any]) -> None
         [s["exp_avg_sq"] for s in states],
         [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
         [s["step"] for s in states],
-        lr=effective_lr(group),
+        lr=step_lr(group) if guard is not None else effective_lr(group),
         betas=tuple(group["betas"]),
         eps=group["eps"],
         weight_decay=group["weight_decay"],
@@ -51,6 +70,7 @@ def step_adamw_group(optimizer: GroupedOptimizer, group: dict[str, Any]) -> None
         maximize=group.get("maximize", False),
         fused=group.get("fused"),
         foreach=group.get("foreach"),
+        found_inf=guard.found_inf if guard is not None else None,
     )
 
 
@@ -75,6 +95,7 @@ class AdamW(GroupedOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         skip_nonfinite: bool = True,
+        capturable: bool = False,
     ) -> None:
         check_lr(lr, "AdamW")
         defaults = {
@@ -89,7 +110,7 @@ class AdamW(GroupedOptimizer):
             "expert": False,
             "lr_mult": 1.0,
         }
-        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, capturable=capturable)
 
     def _complete_group(self, group: dict[str, Any], where: str) -> None:
         if group.get("use_muon"):
@@ -105,5 +126,8 @@ class AdamW(GroupedOptimizer):
     def _init_state(self, group: dict[str, Any], param: Tensor, position: int) -> None:
         init_adamw_state(self.state[param], param, group["amsgrad"])
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        step_adamw_group(self, group)
+    def _guard_on_device(self) -> bool:
+        return super()._guard_on_device() and all(adamw_group_is_fused(g) for g in self.param_groups)
+
+    def _step_group(self, group: dict[str, Any], guard: DeviceGuard | None) -> None:
+        step_adamw_group(self, group, guard)

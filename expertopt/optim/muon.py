@@ -31,15 +31,25 @@ from expertopt.kernels import (
     resolve_ns_dtype,
 )
 from expertopt.optim._base import (
+    DeviceGuard,
     GroupedOptimizer,
     check_betas,
     check_lr,
     check_nonnegative,
     effective_lr,
     param_label,
+    step_lr,
 )
-from expertopt.optim.adamw import init_adamw_state, step_adamw_group
-from expertopt.updates.muon import ADJUST_LR_FNS, MATRIX_LAYOUTS, MuonHyperparams, matrix_view, muon_step
+from expertopt.optim.adamw import adamw_group_is_fused, init_adamw_state, step_adamw_group
+from expertopt.updates.muon import (
+    ADJUST_LR_FNS,
+    MATRIX_LAYOUTS,
+    MuonHyperparams,
+    matrix_view,
+    muon_step,
+    plan_muon_step,
+)
+from expertopt.updates.muon_buckets import MuonPlan
 
 __all__ = ["Muon"]
 
@@ -75,6 +85,9 @@ class Muon(GroupedOptimizer):
         fused, foreach: torch AdamW implementation for ``use_muon=False`` groups; None picks fused
             where supported.
         skip_nonfinite: skip (and count in ``nonfinite_steps``) a step with an inf/NaN gradient.
+        capturable: no host sync at all in ``step()``: a skipped step is counted on the device
+            (read when ``nonfinite_steps`` is read) and not warned about. Otherwise the step reads
+            its non-finite flag once, after the work is queued, to warn.
 
     Group keys beyond torch's: ``use_muon`` (default True), ``expert`` (bool), ``num_heads``,
     ``matrix_layout`` ("out_in" default, "in_out" for ``[E, in, out]`` experts, "flatten" for
@@ -102,6 +115,7 @@ class Muon(GroupedOptimizer):
         fused: bool | None = None,
         foreach: bool | None = None,
         skip_nonfinite: bool = True,
+        capturable: bool = False,
     ) -> None:
         # Checked here as torch.optim.Muon does (same messages), and again per group.
         check_lr(lr, "Muon")
@@ -116,6 +130,8 @@ class Muon(GroupedOptimizer):
         self.shards: dict[int, ShardedMatrices] = {}
         # Whole parameters replicated over a process group (ZeRO-0), by id (see attach_replicas).
         self.replicas: dict[int, ReplicaGroup] = {}
+        # Stacked layout of each group's single-process Muon parameters, by group index: (key, plan).
+        self._muon_plans: dict[int, tuple[tuple, MuonPlan]] = {}
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -134,7 +150,7 @@ class Muon(GroupedOptimizer):
             "row_blocks": None,
             "lr_mult": 1.0,
         }
-        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, capturable=capturable)
 
     # -- groups ------------------------------------------------------------------------------
     def _fill_defaults(self, group: dict[str, Any]) -> None:
@@ -212,27 +228,84 @@ class Muon(GroupedOptimizer):
         elif "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    # -- step --------------------------------------------------------------------------------
-    def _step_group(self, group: dict[str, Any]) -> None:
-        if group["use_muon"]:
-            self._step_muon_group(group)
-        else:
-            step_adamw_group(self, group)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._muon_plans.clear()  # the loaded momentum is re-stacked by the next step's plan
+        super().load_state_dict(state_dict)
 
-    def _step_muon_group(self, group: dict[str, Any]) -> None:
-        params, grads = self._grads_of(group)
-        hyper = MuonHyperparams.from_group(group, effective_lr(group))
-        local = [i for i, p in enumerate(params) if id(p) not in self.shards and id(p) not in self.replicas]
-        muon_step(
-            [params[i] for i in local],
-            [grads[i] for i in local],
-            [self.state[params[i]]["momentum_buffer"] for i in local],
-            hyper,
+    def rebind_state(self) -> None:
+        self._muon_plans.clear()
+        super().rebind_state()
+
+    # -- step --------------------------------------------------------------------------------
+    def _guard_on_device(self) -> bool:
+        """The device flag masks single-process Muon and fused AdamW; ZeRO's partitions, the
+        ZeRO-0 exchange and non-fused AdamW take the host's decision before stepping."""
+        if self.shards or self.replicas or not super()._guard_on_device():
+            return False
+        return all(group["use_muon"] or adamw_group_is_fused(group) for group in self.param_groups)
+
+    def _step_group(self, group: dict[str, Any], guard: DeviceGuard | None) -> None:
+        if group["use_muon"]:
+            self._step_muon_group(group, guard)
+        else:
+            step_adamw_group(self, group, guard)
+
+    def _muon_plan(self, group: dict[str, Any], params: list[Tensor]) -> MuonPlan:
+        """The stacked layout of ``params``, planned when they (or the group's layout keys) change.
+
+        Planning moves each parameter's momentum into its bucket's stacked buffer and makes
+        ``state[p]["momentum_buffer"]`` a view of it, so ``state_dict`` keeps torch's layout.
+        """
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        key = (
+            tuple(map(id, params)),
+            group["ns_method"],
+            group["adjust_lr_fn"],
+            group["expert"],
+            group["num_heads"],
+            group["matrix_layout"],
+            group["row_blocks"],
+        )
+        cached = self._muon_plans.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        states = [self.state[p] for p in params]
+        plan = plan_muon_step(
+            params,
+            [s["momentum_buffer"] for s in states],
+            MuonHyperparams.from_group(group, 0.0),
             is_expert=group["expert"],
             num_heads=group["num_heads"],
             matrix_layout=group["matrix_layout"],
             row_blocks=group["row_blocks"],
         )
+        for state, view in zip(states, plan.momentum_views, strict=True):
+            state["momentum_buffer"] = view
+        self._muon_plans[index] = (key, plan)
+        return plan
+
+    def _step_muon_group(self, group: dict[str, Any], guard: DeviceGuard | None) -> None:
+        params, grads = self._grads_of(group)
+        local = [i for i, p in enumerate(params) if id(p) not in self.shards and id(p) not in self.replicas]
+        if len(local) < len(params):
+            params_local, grads_local = [params[i] for i in local], [grads[i] for i in local]
+        else:
+            params_local, grads_local = params, grads
+        if params_local:
+            plan = self._muon_plan(group, params_local)
+            muon_step(
+                params_local,
+                grads_local,
+                plan.momentum_views,
+                MuonHyperparams.from_group(group, step_lr(group)),
+                is_expert=group["expert"],
+                num_heads=group["num_heads"],
+                plan=plan,
+                finite=guard.finite if guard is not None else None,
+            )
+        if len(local) == len(params):
+            return
+        hyper = MuonHyperparams.from_group(group, effective_lr(group))
         by_replicas: dict[ReplicaGroup, list[int]] = {}
         for i, param in enumerate(params):
             if id(param) in self.replicas:

@@ -33,7 +33,7 @@ def adamw_step(
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
@@ -41,11 +41,21 @@ def adamw_step(
     maximize: bool = False,
     fused: bool | None = None,
     foreach: bool | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
-    """One AdamW step (decoupled weight decay) through ``torch.optim.adamw.adamw``."""
+    """One AdamW step (decoupled weight decay) through ``torch.optim.adamw.adamw``.
+
+    ``found_inf`` (0-dim float, 1.0 = skip this step) is decided on the device and honoured by
+    torch's fused kernel only: the other implementations would need a host sync to skip.
+    """
     if not params:
         return
     use_fused, use_foreach = choose_adamw_impl(params, fused, foreach)
+    if found_inf is not None and not use_fused:
+        raise ValueError(
+            "found_inf needs torch's fused AdamW (fused=True, or both fused and foreach left None "
+            "on a device with fused kernels); decide a non-finite step on the host otherwise"
+        )
     _torch_adamw(
         params,
         grads,
@@ -62,4 +72,5 @@ def adamw_step(
         weight_decay=weight_decay,
         eps=eps,
         maximize=maximize,
+        found_inf=found_inf,
     )

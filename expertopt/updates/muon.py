@@ -5,8 +5,10 @@ the way Keller Jordan's and dion's Muon do: the last two dims of a tensor are th
 leading dim is a batch of independent matrices (stacked experts ``[E, out, in]``). Each matrix is
 normalized and lr-scaled by its own shape (F8).
 
-Single process, :func:`muon_step`: momentum (foreach), then per bucket of same-shape matrices
-the Nesterov direction written straight into one batch, one Newton-Schulz call, one foreach add.
+Single process, :func:`muon_step`: a fixed number of ops per bucket of same-shape matrices,
+whatever the number of matrices (issue 12): the momentum is kept stacked per bucket and every
+view is planned once (:mod:`expertopt.updates.muon_buckets`), the step takes a tensor lr and a
+device-side non-finite flag, so it needs no host sync and compiles without graph breaks.
 Sharded (ZeRO partitions), the same pieces split where communication must happen:
 :func:`blend_momentum` on each rank's slice, :func:`orthogonalize_updates` on the owner's whole
 matrices, and the shape-scaled step on the slice again (``expertopt.distributed``).
@@ -14,6 +16,7 @@ matrices, and the shape-scaled step on the slice again (``expertopt.distributed`
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,6 +28,7 @@ from einops import rearrange
 from torch import Tensor
 
 from expertopt.kernels import orthogonalize, resolve_ns_method
+from expertopt.updates.muon_buckets import MatrixGeometry, MuonBucket, MuonPlan, plan_buckets
 
 __all__ = [
     "ADJUST_LR_FNS",
@@ -32,9 +36,11 @@ __all__ = [
     "MuonHyperparams",
     "adjusted_lr",
     "blend_momentum",
+    "matrix_geometry",
     "matrix_view",
     "muon_step",
     "orthogonalize_updates",
+    "plan_muon_step",
 ]
 
 # None means "original", as in torch.optim.Muon.
@@ -48,11 +54,12 @@ MATRIX_LAYOUTS = ("out_in", "in_out", "flatten")
 class MuonHyperparams:
     """One Muon group's hyperparameters for one step, as a single value every step function takes.
 
-    ``lr`` is the effective lr (the scheduled lr times the group's ``lr_mult``); the rest are the
+    ``lr`` is the effective lr (the scheduled lr times the group's ``lr_mult``; a 0-dim tensor
+    where the group's lr is one, so the single-process step needs no host sync); the rest are the
     group's keys of the same names. Built once per group and step by :meth:`from_group`.
     """
 
-    lr: float
+    lr: float | Tensor
     weight_decay: float
     momentum: float
     nesterov: bool
@@ -64,7 +71,7 @@ class MuonHyperparams:
     adjust_lr_fn: str | None
 
     @classmethod
-    def from_group(cls, group: dict[str, Any], lr: float) -> MuonHyperparams:
+    def from_group(cls, group: dict[str, Any], lr: float | Tensor) -> MuonHyperparams:
         return cls(
             lr=lr,
             weight_decay=group["weight_decay"],
@@ -191,6 +198,125 @@ def orthogonalize_updates(
     return results  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=1024)
+def matrix_geometry(
+    shape: tuple[int, ...],
+    device_type: str,
+    *,
+    method: str,
+    adjust_lr_fn: str | None,
+    is_expert: bool,
+    num_heads: int | None,
+    matrix_layout: str = "out_in",
+    row_blocks: int | None = None,
+) -> MatrixGeometry:
+    """How a parameter of ``shape`` enters Newton-Schulz, from :func:`matrix_view` and :func:`adjusted_lr`.
+
+    Called once per distinct shape (cached): both functions run on a meta tensor, so whatever
+    layout rule they encode (heads, convolutions, expert stacks) reaches the stacked step as is.
+    """
+    view = matrix_view(
+        torch.empty(shape, device="meta"),
+        is_expert=is_expert,
+        num_heads=num_heads,
+        matrix_layout=matrix_layout,
+        row_blocks=row_blocks,
+    )
+    if view.is_contiguous():
+        transposed = False
+    elif view.mT.is_contiguous() and view.ndim == len(shape):
+        transposed = True
+    else:
+        raise ValueError(
+            f"matrix_view of shape {shape} is neither a reshape nor a transpose of the stored "
+            "tensor; the stacked Muon step cannot lay it out"
+        )
+    m, n = view.shape[-2:]
+    return MatrixGeometry(
+        matrix_shape=(m, n),
+        transposed=transposed,
+        lr_scale=adjusted_lr(1.0, adjust_lr_fn, view.shape, matrix_layout),
+        method=resolve_ns_method(method, view.shape, torch.device(device_type)),
+    )
+
+
+def plan_muon_step(
+    params: list[Tensor],
+    momentum_buffers: list[Tensor],
+    hyper: MuonHyperparams,
+    *,
+    is_expert: bool = False,
+    num_heads: int | None = None,
+    matrix_layout: str = "out_in",
+    row_blocks: int | None = None,
+) -> MuonPlan:
+    """Plan :func:`muon_step` for ``params`` once; see :mod:`expertopt.updates.muon_buckets`.
+
+    The plan adopts the values of ``momentum_buffers``; a caller that keeps the plan across steps
+    must use ``plan.momentum_views`` as its momentum state from then on.
+    """
+    layouts = [
+        matrix_geometry(
+            tuple(p.shape),
+            p.device.type,
+            method=hyper.ns_method,
+            adjust_lr_fn=hyper.adjust_lr_fn,
+            is_expert=is_expert,
+            num_heads=num_heads,
+            matrix_layout=matrix_layout,
+            row_blocks=row_blocks,
+        )
+        for p in params
+    ]
+    return plan_buckets(params, momentum_buffers, layouts)
+
+
+def _negated(value: float | Tensor, finite: Tensor | None) -> float | Tensor:
+    """``-value``, or 0 where the step is skipped: masks the update without a host sync."""
+    if finite is None:
+        return -value
+    return torch.where(finite, -value, 0.0)
+
+
+def _decay_factor(hyper: MuonHyperparams, finite: Tensor | None) -> float | Tensor:
+    """``1 - lr * weight_decay`` (torch.optim.Muon: the unadjusted lr), or 1 where the step is skipped."""
+    factor = 1 - hyper.lr * hyper.weight_decay
+    if finite is None:
+        return factor
+    return torch.where(finite, factor, 1.0)
+
+
+def _step_bucket(
+    bucket: MuonBucket, grads: list[Tensor], hyper: MuonHyperparams, finite: Tensor | None
+) -> None:
+    """Momentum, Nesterov, Newton-Schulz and update for one bucket: a fixed number of ops.
+
+    ``work`` holds the gradients (one ``_foreach_copy_``), then the Nesterov direction, then
+    ``-lr * AdjustLR * NS(direction)`` in the parameter dtype (written by ``orthogonalize``, whose
+    normalization is the one cast into the Newton-Schulz dtype). A skipped step (``finite``
+    false) replaces the gradients by the momentum, so momentum keeps its value exactly
+    (lerp towards itself), and its update scale is 0.
+    """
+    work, momentum = bucket.work, bucket.momentum
+    torch._foreach_copy_(bucket.work_views, [grads[i] for i in bucket.indices])
+    if finite is not None:
+        torch.where(finite, work, momentum, out=work)
+    momentum.lerp_(work, 1 - hyper.momentum)
+    # Nesterov: the direction overwrites the gradients in place; without it, it is the momentum.
+    direction = work.lerp_(momentum, hyper.momentum) if hyper.nesterov else momentum
+    orthogonalize(
+        direction,
+        method=bucket.method,
+        steps=hyper.ns_steps,
+        coefficients=hyper.ns_coefficients,
+        eps=hyper.eps,
+        dtype=hyper.ns_dtype,
+        out=work,
+        out_scale=bucket.step_scale,
+    )
+    torch._foreach_add_(bucket.params, bucket.work_views)
+
+
 def muon_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -201,49 +327,43 @@ def muon_step(
     num_heads: int | None = None,
     matrix_layout: str = "out_in",
     row_blocks: int | None = None,
+    plan: MuonPlan | None = None,
+    finite: Tensor | None = None,
 ) -> None:
     """One Muon step on whole (unsharded) parameters: the functional API of :class:`expertopt.Muon`.
 
-    Per bucket of same-shape matrices the Nesterov direction is written straight into the
-    batch Newton-Schulz reads, and the result is added back with one foreach call: every matrix
-    in a bucket has the same shape, hence the same adjusted lr.
+    The op count depends on the number of distinct matrix shapes, not on the number of matrices
+    (issue 12): per bucket of same-shape matrices, one gradient copy, two lerps on the stacked
+    momentum, one Newton-Schulz call and one ``_foreach_add_``; weight decay is one
+    ``_foreach_mul_`` and the lr scales one op. No host sync: ``hyper.lr`` may be a tensor, and
+    ``finite`` (a 0-dim bool tensor, e.g. from :func:`expertopt.optim._base.finite_on_device`)
+    turns the step into an exact no-op on parameters and momentum when it is false.
+
+    ``plan`` (from :func:`plan_muon_step`, whose ``momentum_views`` must then be the momentum
+    state) is what an optimizer passes to skip the planning; without it the step plans, copies
+    ``momentum_buffers`` in and writes them back, which costs two copies.
     """
     if not params:
         return
-    lr, momentum = hyper.lr, hyper.momentum
-    torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
-    views = [
-        matrix_view(
-            g, is_expert=is_expert, num_heads=num_heads, matrix_layout=matrix_layout, row_blocks=row_blocks
+    own_plan = plan is None
+    if own_plan:
+        plan = plan_muon_step(
+            params,
+            momentum_buffers,
+            hyper,
+            is_expert=is_expert,
+            num_heads=num_heads,
+            matrix_layout=matrix_layout,
+            row_blocks=row_blocks,
         )
-        for g in grads
-    ]
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for index, view in enumerate(views):
-        m, n = view.shape[-2:]
-        method = resolve_ns_method(hyper.ns_method, view.shape, view.device)
-        buckets[(m, n, view.dtype, view.device, method)].append(index)
+    elif len(plan.params) != len(params):
+        raise ValueError(f"plan covers {len(plan.params)} parameters but {len(params)} were given; re-plan")
     if hyper.weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * hyper.weight_decay)  # torch.optim.Muon: unadjusted lr
-    for (m, n, dtype, device, method), indices in buckets.items():
-        sizes = [views[i].numel() // (m * n) for i in indices]
-        directions = torch.empty((sum(sizes), m, n), dtype=dtype, device=device)
-        for i, chunk in zip(indices, directions.split(sizes), strict=True):
-            grad, buffer = grads[i].reshape(chunk.shape), momentum_buffers[i].reshape(chunk.shape)
-            if hyper.nesterov:
-                torch.lerp(grad, buffer, momentum, out=chunk)
-            else:
-                chunk.copy_(buffer)
-        ortho = orthogonalize(
-            directions,
-            method=method,
-            steps=hyper.ns_steps,
-            coefficients=hyper.ns_coefficients,
-            eps=hyper.eps,
-            dtype=hyper.ns_dtype,
-        )
-        torch._foreach_add_(
-            [params[i] for i in indices],
-            [chunk.view(params[i].shape) for i, chunk in zip(indices, ortho.split(sizes), strict=True)],
-            alpha=-adjusted_lr(lr, hyper.adjust_lr_fn, (m, n), matrix_layout),
-        )
+        torch._foreach_mul_(params, _decay_factor(hyper, finite))
+    negated_lr = _negated(hyper.lr, finite)
+    for partition in plan.partitions:
+        torch.mul(partition.unit_scales, negated_lr, out=partition.step_scales)
+        for bucket in partition.buckets:
+            _step_bucket(bucket, grads, hyper, finite)
+    if own_plan:
+        torch._foreach_copy_(list(momentum_buffers), plan.momentum_views)
