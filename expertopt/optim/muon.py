@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from expertopt.distributed.replicated import ReplicaGroup, replicated_muon_step
-from expertopt.distributed.step import ShardedMatrices, sharded_muon_step
+from expertopt.distributed.step import ShardedMatrices, check_agreement, place, sharded_muon_step, shards_of
 from expertopt.kernels import (
     DEFAULT_EPS,
     DEFAULT_NS_COEFFICIENTS,
@@ -109,10 +108,9 @@ class Muon(GroupedOptimizer):
         if adjust_lr_fn not in ADJUST_LR_FNS:
             raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
         self.adamw_defaults = {"betas": betas, "eps": adamw_eps, "fused": fused, "foreach": foreach}
-        # Flat ZeRO partitions standing in for whole matrices, by id (see attach_shards).
-        self.shards: dict[int, ShardedMatrices] = {}
-        # Whole parameters replicated over a process group (ZeRO-0), by id (see attach_replicas).
-        self.replicas: dict[int, ReplicaGroup] = {}
+        # Every unit an engine placed (see place_shards): for reports; the step reads each
+        # tensor's own unit (``shards_of``).
+        self.shard_units: list[ShardedMatrices] = []
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -169,7 +167,7 @@ class Muon(GroupedOptimizer):
         if heads is not None and not (isinstance(heads, int) and heads >= 1):
             raise ValueError(f"num_heads must be a positive int or None, got {heads!r} ({where})")
         for position, param in enumerate(group["params"]):
-            if param.ndim < 2 and id(param) not in self.shards:
+            if param.ndim < 2 and shards_of(param) is None:
                 raise ValueError(
                     f"{param_label(group, position, param)} is {param.ndim}-D and cannot be in a Muon "
                     f"group ({where}): Muon orthogonalizes matrices. Move it to a group with "
@@ -191,49 +189,54 @@ class Muon(GroupedOptimizer):
             step_adamw_group(self, group)
 
     def _step_muon_group(self, group: dict[str, Any]) -> None:
-        params, grads = self._grads_of(group)
+        """Whole parameters through ``muon_step``; tensors an engine placed in a unit (ZeRO
+        partitions, replicated parameters) through the distributed step, one call per unit."""
         hyper = MuonHyperparams.from_group(group, effective_lr(group))
-        local = [i for i, p in enumerate(params) if id(p) not in self.shards and id(p) not in self.replicas]
+        units: dict[int, tuple[ShardedMatrices, list[Tensor]]] = {}
+        whole = []
+        for param in group["params"]:
+            unit = shards_of(param)
+            if unit is None:
+                if param.grad is not None:
+                    whole.append(param)
+            else:
+                units.setdefault(id(unit), (unit, []))[1].append(param)
         muon_step(
-            [params[i] for i in local],
-            [grads[i] for i in local],
-            [self.state[params[i]]["momentum_buffer"] for i in local],
+            whole,
+            [p.grad for p in whole],
+            [self.state[p]["momentum_buffer"] for p in whole],
             hyper,
             is_expert=group["expert"],
             num_heads=group["num_heads"],
         )
-        by_replicas: dict[ReplicaGroup, list[int]] = {}
-        for i, param in enumerate(params):
-            if id(param) in self.replicas:
-                by_replicas.setdefault(self.replicas[id(param)], []).append(i)
-        for replicas, indices in by_replicas.items():
-            replicated_muon_step(
-                [params[i] for i in indices],
-                [grads[i] for i in indices],
-                [self.state[params[i]]["momentum_buffer"] for i in indices],
-                replicas,
-                hyper,
-                is_expert=group["expert"],
-                num_heads=group["num_heads"],
-            )
-        for param, grad in zip(params, grads, strict=True):
-            if id(param) in self.shards:
-                buffer = self.state[param]["momentum_buffer"]
-                sharded_muon_step(param, grad, buffer, self.shards[id(param)], hyper)
+        for unit, params in units.values():
+            if len(params) != len(unit.layout.buffer_numels):
+                raise ValueError(
+                    f"a sharded Muon unit expects {len(unit.layout.buffer_numels)} local buffers in one "
+                    f"param group, found {len(params)}: the engine adapter placed it inconsistently"
+                )
+            # Every rank of the unit joins the exchange: a buffer without a gradient (no tokens
+            # reached it) contributes zeros, the same decision on every rank.
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            sharded_muon_step(params, grads, buffers, unit, hyper)
 
     # -- engines -----------------------------------------------------------------------------
-    def attach_replicas(self, replicas: dict[int, ReplicaGroup]) -> None:
-        """Declare parameters (by ``id``) that every rank of a process group holds identically,
-        with identical gradients (ZeRO-0 after the engine's all-reduce): each of their matrices
-        is then orthogonalized by one owner rank and the results all-gathered, instead of on
-        every rank. Called by an engine adapter (``expertopt.integrations.deepspeed``)."""
-        self.replicas = dict(replicas)
+    def place_shards(self, placements: list[tuple[Tensor, ShardedMatrices]]) -> None:
+        """Declare local buffers that stand in for (parts of) Muon matrices, each with its unit.
 
-    def attach_shards(self, shards: dict[int, ShardedMatrices]) -> None:
-        """Declare flat partitions (by ``id``) that stand in for whole Muon matrices.
-
-        Called by an engine adapter (``expertopt.integrations.deepspeed``) after the engine
-        replaced each group's parameters with this rank's flat slice.
+        Called by an engine adapter (``expertopt.integrations``) once the groups hold the tensors
+        the engine will step (ZeRO flat partitions, or ZeRO-0's replicated parameters). Ranks
+        first check that they agree on every unit (a clear error on all of them, not a hang),
+        then state is re-created for the tensors the groups hold.
         """
-        self.shards = dict(shards)
+        units = list({id(unit): unit for _, unit in placements}.values())
+        check_agreement(units)
+        for tensor, unit in placements:
+            place(tensor, unit)
+        self.shard_units = units
         self.rebind_state()
+
+    def owned_matrices(self) -> int:
+        """Matrices this rank orthogonalizes per step, over every placed unit."""
+        return sum(unit.owned_matrices for unit in self.shard_units)
