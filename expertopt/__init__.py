@@ -21,6 +21,23 @@ def initialize(*args, **kwargs):
     return _initialize(*args, **kwargs)
 
 
+def patch_deepspeed() -> None:
+    """One line for callers of ``deepspeed.initialize`` you do not control (the Hugging Face
+    Trainer, accelerate, Lightning): configs naming ``"Muon"`` or ``"AdamW"`` get expertopt's
+    optimizer; see :func:`expertopt.integrations.deepspeed.patch_deepspeed`. Imports deepspeed on call.
+    """
+    from expertopt.integrations.deepspeed import patch_deepspeed as _patch
+
+    _patch()
+
+
+def unpatch_deepspeed() -> None:
+    """Undo :func:`patch_deepspeed`: ``deepspeed.initialize`` is DeepSpeed's own again."""
+    from expertopt.integrations.deepspeed import unpatch_deepspeed as _unpatch
+
+    _unpatch()
+
+
 __all__ = [
     "LINKED_KEYS",
     "AdamW",
@@ -33,4 +50,6 @@ __all__ = [
     "initialize",
     "is_expert_param",
     "orthogonalize",
+    "patch_deepspeed",
+    "unpatch_deepspeed",
 ]

@@ -14,6 +14,7 @@ averaged over micro-batches, unscaled, and clipped with the correct global norm.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -24,11 +25,15 @@ from typing import Any
 
 import deepspeed
 import deepspeed.comm as ds_dist
+import torch
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 from deepspeed.runtime.utils import is_invalid_grad_norm
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import nn
 
+from expertopt.integrations._autoep_compat import transformers_registry_shim
+from expertopt.integrations._model_parameters import normalize, route_model_parameters
 from expertopt.integrations.deepspeed_shards import zero0_placements, zero12_placements
 from expertopt.integrations.deepspeed_zero3 import attach_zero3, check_zero3_config
 from expertopt.optim._base import SharedFiniteCheck
@@ -36,7 +41,14 @@ from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
 from expertopt.param_groups import build_param_groups
 
-__all__ = ["OptimizerSpec", "attach", "initialize", "parse_optimizer_config"]
+__all__ = [
+    "OptimizerSpec",
+    "attach",
+    "initialize",
+    "parse_optimizer_config",
+    "patch_deepspeed",
+    "unpatch_deepspeed",
+]
 
 # Keys of "optimizer": {"params": {...}} and where each goes: the group builder or the optimizer.
 _GROUP_KEYS = {
@@ -115,18 +127,26 @@ def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
     return OptimizerSpec(kind, groups, {k: v for k, v in params.items() if k in optimizer_keys}, engine)
 
 
-def _load_config(config: str | dict[str, Any] | None, args: Any) -> dict[str, Any] | None:
-    if config is None and args is not None:
-        config = getattr(args, "deepspeed_config", None)
-    if isinstance(config, (str, os.PathLike)):
-        with open(config) as handle:
-            return json.load(handle)
-    return None if config is None else dict(config)
+def _load_config(config: Any, args: Any) -> tuple[dict[str, Any] | None, bool]:
+    """The config as a dict (path, base64 or dict, read like DeepSpeed reads it), and whether it
+    came from ``args.deepspeed_config``; None when no config was given."""
+    from_args = config is None and getattr(args, "deepspeed_config", None) is not None
+    if from_args:
+        config = args.deepspeed_config
+    if config is None:
+        return None, False
+    return dict(load_ds_config(os.fspath(config) if isinstance(config, os.PathLike) else config)), from_args
 
 
-def _build_groups(model: nn.Module, spec: OptimizerSpec, stage: int) -> list[dict[str, Any]]:
-    """expertopt's routed groups; at ZeRO-1/2 DeepSpeed MoE experts are split into EDP groups."""
-    groups = build_param_groups(model, **spec.group_options)
+def _build_groups(
+    model: nn.Module, spec: OptimizerSpec, stage: int, model_parameters: Any = None
+) -> list[dict[str, Any]]:
+    """expertopt's routed groups, of the whole model or of ``model_parameters`` (DeepSpeed's list,
+    read after AutoEP); at ZeRO-1/2 DeepSpeed MoE and AutoEP experts are split into EDP groups."""
+    if model_parameters is None:
+        groups = build_param_groups(model, **spec.group_options)
+    else:
+        groups = route_model_parameters(model, model_parameters, spec.group_options)
     if spec.kind == "adamw":
         for group in groups:
             group["use_muon"] = False
@@ -147,68 +167,117 @@ def _check_supported(config: dict[str, Any], model: nn.Module) -> int:
         check_zero3_config(config["zero_optimization"])
     if stage in (1, 2) and config["zero_optimization"].get("compute_grad_norm", True) is False:
         raise ValueError(_NEEDS_GRAD_NORM)
-    has_experts = any(is_moe_param(p) for p in model.parameters())
-    if stage == 0 and has_experts and config.get("gradient_clipping", 1.0) > 0:
-        # DeepSpeed 0.19.8 clips at stage 0 with the mean of per-rank norms, which counts each
-        # rank's local experts only (F4): refuse rather than clip with a wrong norm.
-        raise ValueError(
-            "ZeRO stage 0 with expert parallelism clips gradients with a wrong global norm in DeepSpeed "
-            '0.19.8 (mean of per-rank norms); use "zero_optimization": {"stage": 1} or 2, or set '
-            '"gradient_clipping": 0'
-        )
     return stage
 
 
-def initialize(
-    args: Any = None,
-    model: nn.Module | None = None,
-    optimizer: Any = None,
-    model_parameters: Any = None,
-    config: str | dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> tuple[Any, Any, Any, Any]:
+def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
     """``deepspeed.initialize`` with expertopt's Muon / AdamW when the config names one.
 
-    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
+    Takes DeepSpeed's arguments (by position or keyword, ``config`` or ``config_params`` or
+    ``args.deepspeed_config``) and returns ``(engine, optimizer, training_dataloader,
+    lr_scheduler)`` like DeepSpeed. Any other optimizer type goes to DeepSpeed unchanged.
     """
-    loaded = _load_config(config, args)
+    return _initialize(_unpatched_initialize(), *args, **kwargs)
+
+
+def _initialize(ds_initialize: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+    """The body of :func:`initialize` and of the patched ``deepspeed.initialize``."""
+    call = inspect.signature(ds_initialize).bind(*args, **kwargs)
+    given = call.arguments
+    config = given.get("config")
+    loaded, from_args = _load_config(
+        config if config is not None else given.get("config_params"), given.get("args")
+    )
     block = (loaded or {}).get("optimizer")
     spec = parse_optimizer_config(block) if block else None
     if spec is not None:
-        if optimizer is not None:
-            raise ValueError(
-                f'the DeepSpeed config names "optimizer": {block["type"]!r} and an optimizer was passed too; '
-                "keep one of them"
-            )
-        if model is None:
-            raise ValueError("expertopt.initialize needs the model to route its parameters")
-        stage = _check_supported(loaded, model)
-        loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
-        loaded["zero_allow_untested_optimizer"] = True
-        if stage in (1, 2):
-            # One reduce per partition owner moves half the gradient bytes of DeepSpeed's default
-            # bucket all-reduce (docs/benchmarks.md, ZeRO section); an explicit user value wins.
-            zero = dict(loaded["zero_optimization"])
-            zero.setdefault("use_multi_rank_bucket_allreduce", False)
-            loaded["zero_optimization"] = zero
-        optimizer = _optimizer_factory(model, spec, stage, model_parameters)
-        model_parameters = None
-    engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
-        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-        config=loaded if loaded is not None else config, **kwargs,
-    )  # fmt: skip
+        given.update(_engine_arguments(spec, block, loaded, from_args, given))
+    with transformers_registry_shim(loaded):
+        engine, engine_optimizer, loader, scheduler = ds_initialize(*call.args, **call.kwargs)
     attach(engine, **(spec.engine_options if spec is not None else {}))
     return engine, engine_optimizer, loader, scheduler
 
 
+def _engine_arguments(
+    spec: OptimizerSpec, block: dict[str, Any], loaded: dict[str, Any], from_args: bool, given: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``deepspeed.initialize`` arguments that build expertopt's optimizer: the config
+    without its optimizer block and a callable optimizer DeepSpeed calls after AutoEP."""
+    model = given.get("model")
+    if given.get("optimizer") is not None:
+        raise ValueError(
+            f'the DeepSpeed config names "optimizer": {block["type"]!r} and an optimizer was passed too; '
+            "keep one of them"
+        )
+    if model is None:
+        raise ValueError("expertopt.initialize needs the model to route its parameters")
+    stage = _check_supported(loaded, model)
+    loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
+    loaded["zero_allow_untested_optimizer"] = True
+    if stage in (1, 2):
+        # One reduce per partition owner moves half the gradient bytes of DeepSpeed's default
+        # bucket all-reduce (docs/benchmarks.md, ZeRO section); an explicit user value wins.
+        zero = dict(loaded["zero_optimization"])
+        zero.setdefault("use_multi_rank_bucket_allreduce", False)
+        loaded["zero_optimization"] = zero
+    arguments = {
+        "optimizer": _optimizer_factory(model, spec, stage, given.get("model_parameters") is None),
+        # DeepSpeed maps these onto AutoEP's replacements and hands them to the optimizer callable.
+        "model_parameters": normalize(given.get("model_parameters")),
+        "config": loaded,
+        "config_params": None,
+    }
+    if from_args:  # DeepSpeed refuses a config both in args and as an argument
+        arguments["args"] = copy.copy(given["args"])
+        arguments["args"].deepspeed_config = None
+    return arguments
+
+
+_ORIGINAL = "__expertopt_original__"  # marks the patched deepspeed.initialize, holds the original
+
+
+def _unpatched_initialize() -> Callable[..., Any]:
+    return getattr(deepspeed.initialize, _ORIGINAL, deepspeed.initialize)
+
+
+def patch_deepspeed() -> None:
+    """Make every caller of ``deepspeed.initialize`` build expertopt's optimizer when the config's
+    optimizer type is ``"Muon"`` or ``"AdamW"`` (the Hugging Face Trainer and accelerate,
+    Lightning, a user's script); every other config goes to DeepSpeed untouched. The AutoEP
+    transformers shim applies on this path too. Idempotent; :func:`unpatch_deepspeed` undoes it.
+
+    Callers that look ``deepspeed.initialize`` up when they call it see the patch (accelerate
+    does); a ``from deepspeed import initialize`` made before patching keeps the original.
+    """
+    current = deepspeed.initialize
+    if hasattr(current, _ORIGINAL):
+        return
+
+    @functools.wraps(current)
+    def patched_initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+        return _initialize(current, *args, **kwargs)
+
+    setattr(patched_initialize, _ORIGINAL, current)
+    deepspeed.initialize = patched_initialize
+
+
+def unpatch_deepspeed() -> None:
+    """Restore the ``deepspeed.initialize`` that :func:`patch_deepspeed` replaced (no-op if unpatched)."""
+    deepspeed.initialize = _unpatched_initialize()
+
+
 def _optimizer_factory(
-    model: nn.Module, spec: OptimizerSpec, stage: int, model_parameters: Any
+    model: nn.Module, spec: OptimizerSpec, stage: int, whole_model: bool
 ) -> Callable[[Any], Muon | AdamW]:
-    """A callable DeepSpeed calls after AutoEP has replaced modules, so groups see the final model."""
+    """A callable DeepSpeed calls after AutoEP has replaced modules, so groups see the final model.
+
+    DeepSpeed passes ``model_parameters`` as it resolved them (``model.parameters()`` when none
+    were given, which routes the whole model, as does ``None``).
+    """
     cls = Muon if spec.kind == "muon" else AdamW
 
-    def build(_params: Any) -> Muon | AdamW:
-        groups = list(model_parameters) if model_parameters is not None else _build_groups(model, spec, stage)
+    def build(model_parameters: Any) -> Muon | AdamW:
+        groups = _build_groups(model, spec, stage, None if whole_model else model_parameters)
         return cls(groups, **spec.optimizer_options)
 
     return build
@@ -227,6 +296,58 @@ def _shared_finite_check(engine: Any, zero: DeepSpeedZeroOptimizer) -> SharedFin
     if not zero.compute_grad_norm:
         raise ValueError(_NEEDS_GRAD_NORM)
     return lambda _grads: (not is_invalid_grad_norm(zero._global_grad_norm), engine.global_steps)
+
+
+def _attach_zero0_clipping(engine: Any, optimizer: Muon | AdamW) -> None:
+    """ZeRO-0 with experts: clip with the true global norm instead of DeepSpeed's.
+
+    DeepSpeed 0.19.8 clips at stage 0 with the mean over ranks of each rank's local norm
+    (``runtime/utils.py`` ``clip_grad_norm_``), which counts only the rank's own experts (F4;
+    measured: the optimizer received gradients of norm 0.0506 for a 0.05 limit). Experts are
+    known only here, after ``deepspeed.initialize``: AutoEP tags them inside it. Without
+    experts every rank holds the same gradients and DeepSpeed's norm is right, so it stays.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if engine.gradient_clipping() <= 0 or not any(is_moe_param(p) for p in params):
+        return
+    if engine.mpu is not None or engine.fp16_enabled() or engine.bfloat16_enabled():
+        # fp16 / bf16 engines clip elsewhere (or not at all) at stage 0, with DeepSpeed's norm.
+        raise NotImplementedError(
+            "ZeRO stage 0 with experts and gradient clipping is supported in fp32 without model parallelism "
+            '(mpu) only; use "zero_optimization": {"stage": 1} or 2, or set "gradient_clipping": 0'
+        )
+    from deepspeed.utils import groups
+
+    def clip_fp32_gradients() -> torch.Tensor:
+        norm = _expert_aware_grad_norm(params, groups._get_data_parallel_group())
+        torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
+        engine._global_grad_norm = norm  # what engine.get_global_grad_norm() reports
+        return norm
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def _expert_aware_grad_norm(params: list[torch.Tensor], data_parallel: Any) -> torch.Tensor:
+    """The 2-norm of the global gradient at ZeRO-0, every dense and every expert parameter once.
+
+    After the engine's all-reduce, dense gradients are identical on every rank, and an expert's
+    gradient is identical on the ``edp`` ranks of its expert-data-parallel group, whose union
+    over expert-parallel ranks is the data-parallel group. Summing ``||g||^2 / edp`` of the
+    experts over the data-parallel group therefore counts each expert once (one all-reduce of
+    one scalar).
+    """
+    from deepspeed.utils import groups
+
+    dense = [p.grad for p in params if p.grad is not None and not is_moe_param(p)]
+    expert_squares = torch.zeros((), dtype=torch.float32)
+    for name in sorted({p.group_name for p in params if is_moe_param(p)}):
+        grads = [p.grad for p in params if p.grad is not None and is_moe_param(p) and p.group_name == name]
+        edp_size = ds_dist.get_world_size(group=groups._get_expert_data_parallel_group(name))
+        if grads:
+            expert_squares += torch.nn.utils.get_total_norm(grads).float().square() / edp_size
+    ds_dist.all_reduce(expert_squares, group=data_parallel)
+    dense_squares = torch.nn.utils.get_total_norm(dense).float().square() if dense else 0.0
+    return (dense_squares + expert_squares).sqrt()
 
 
 TOPOLOGY_FILE = "expertopt_topology.json"
@@ -332,6 +453,7 @@ def attach(engine: Any, zero0_newton_schulz: str = "owners") -> None:
             )
         if isinstance(optimizer, Muon) and zero0_newton_schulz == "owners":
             optimizer.place_shards(zero0_placements(engine, optimizer))
+        _attach_zero0_clipping(engine, optimizer)
         return
     optimizer.shared_finite_check = _shared_finite_check(engine, zero)
     if not isinstance(optimizer, Muon):
