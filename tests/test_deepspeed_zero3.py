@@ -40,11 +40,14 @@ def _loss(model, tokens):
 
 
 def _ds_config(kind: str, accumulation: int, clipping: float) -> dict:
-    params = {"lr": LR, "ns_dtype": "float32", "adamw_lr": ADAMW_LR} if kind == "Muon" else {"lr": ADAMW_LR}
+    name, _, method = kind.partition(":")  # "Muon:gram": Muon with that ns_method
+    params = {"lr": LR, "ns_dtype": "float32", "adamw_lr": ADAMW_LR} if name == "Muon" else {"lr": ADAMW_LR}
+    if method:
+        params["ns_method"] = method
     return {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": accumulation,
-        "optimizer": {"type": kind, "params": params},
+        "optimizer": {"type": name, "params": params},
         "zero_optimization": {
             "stage": 3,
             "stage3_param_persistence_threshold": 0,
@@ -56,10 +59,10 @@ def _ds_config(kind: str, accumulation: int, clipping: float) -> dict:
 
 
 def _reference_optimizer(kind: str, model):
-    if kind == "Muon":
-        return expertopt.Muon(
-            expertopt.build_param_groups(model, lr=LR, adamw_lr=ADAMW_LR), ns_dtype="float32"
-        )
+    name, _, method = kind.partition(":")
+    if name == "Muon":
+        groups = expertopt.build_param_groups(model, lr=LR, adamw_lr=ADAMW_LR)
+        return expertopt.Muon(groups, ns_dtype="float32", ns_method=method or "standard")
     groups = expertopt.build_param_groups(model, lr=ADAMW_LR, adamw_lr=ADAMW_LR)
     for group in groups:
         group["use_muon"] = False
@@ -127,7 +130,7 @@ def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> di
             (p.detach() - q).abs().max().item() for p, q in zip(reference.parameters(), initial, strict=True)
         ),
         "ns_matrices_per_step": counter["matrices"] / STEPS,
-        "owned": engine.basic_optimizer.owned_matrices() if kind == "Muon" else 0,
+        "owned": engine.basic_optimizer.owned_matrices() if kind.startswith("Muon") else 0,
         "ref_norms": norms,
         "reduce_scatter": bool(engine.optimizer.reduce_scatter),
         "sub_groups": len(engine.optimizer.fp16_groups),
@@ -153,7 +156,9 @@ def _resume_case(rank: int, directory: str) -> bool:
     )
 
 
-CASES = [("Muon", 1, 0.0), ("Muon", 2, 0.05), ("AdamW", 1, 0.0), ("AdamW", 2, 0.05)]
+CASES = [("Muon", 1, 0.0), ("Muon", 2, 0.05), ("AdamW", 1, 0.0), ("AdamW", 2, 0.05)] + [
+    (f"Muon:{method}", 1, 0.05) for method in ("gram", "polar_express")
+]
 
 
 def _all_checks(rank: int, world_size: int, directory: str) -> dict:
@@ -183,7 +188,7 @@ def test_zero3_matches_single_process_reference(zero3_results, case):
         assert min(min(r["ref_norms"]) for r in results) > 2 * clipping, "clipping was not active"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "Muon"], ids=lambda c: str(c))
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith("Muon")], ids=lambda c: str(c))
 def test_zero3_orthogonalizes_each_matrix_once(zero3_results, case):
     results = [r[case] for r in zero3_results]
     # Per-rank Newton-Schulz counts add up to the number of matrices: each once, on its owner.
@@ -201,3 +206,98 @@ def test_zero3_offload_is_refused_with_the_fix():
     config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     with pytest.raises(ValueError, match='remove "offload_optimizer"'):
         expertopt.initialize(model=ToyMoE(), config=config)
+
+
+# -- AutoEP experts at ZeRO-3, "sharded" placement ---------------------------------------------
+# AutoEP partitions each expert tensor over its expert-data-parallel group; expertopt takes that
+# partitioning as it is (one unit per expert sub-group, over EDP). With 4 experts, EP 2 gives 2
+# local experts per rank and EDP 2: each EDP rank's chunk is exactly one whole expert of w1, w2
+# and w3, so every expert is orthogonalized where it lives, with no exchange at all. EP 4 gives
+# EDP 1. Reference and tolerances: tests/test_autoep.py (AutoEP's split w1/w2/w3 layout, one
+# process, the whole global batch, clip_grad_norm_ active).
+AUTOEP_CASES = [("qwen3_moe", 2), ("qwen3_moe", 4), ("deepseek_v3", 2)]
+
+
+def _autoep_case(rank: int, preset: str, ep_size: int) -> dict:
+    import deepspeed
+    import test_autoep as autoep
+    from deepspeed.utils import groups
+    from moe_models import EXPERTS, VOCAB, tiny_moe
+
+    model = tiny_moe(preset, seed=1)
+    reference = autoep._reference(model)
+    config = autoep._config(preset, ep_size, 3)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    engine, *_ = expertopt.initialize(model=model, config=config)
+    ep_rank = groups._get_expert_parallel_rank(f"ep_size_{ep_size}")
+    local = slice(ep_rank * EXPERTS // ep_size, (ep_rank + 1) * EXPERTS // ep_size)
+    ref_params = dict(reference.named_parameters())
+    ref_opt = expertopt.Muon(
+        expertopt.build_param_groups(reference, lr=autoep.LR, adamw_lr=autoep.ADAMW_LR), ns_dtype="float32"
+    )
+    norms = []
+    for step in range(autoep.STEPS):
+        tokens = torch.randint(
+            0, VOCAB, (WORLD * autoep.SEQUENCES, autoep.LENGTH), generator=torch.Generator().manual_seed(step)
+        )
+        mine = tokens[rank * autoep.SEQUENCES : (rank + 1) * autoep.SEQUENCES]
+        engine.backward(engine(input_ids=mine, labels=mine).loss)
+        engine.step()
+        ref_opt.zero_grad()
+        reference(input_ids=tokens, labels=tokens).loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), autoep.CLIP)))
+        ref_opt.step()
+    error = 0.0
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            want = ref_params[autoep._reference_name(name)].detach()
+            want = want[local] if getattr(param, "allreduce", True) is False else want
+            error = max(error, (param.detach() - want).abs().max().item())
+    units = engine.basic_optimizer.shard_units
+    return {
+        "matrices": _muon_matrices(ref_opt),
+        "error": error,
+        "ref_norms": norms,
+        "owned": engine.basic_optimizer.owned_matrices(),
+        # Units over a group smaller than the world are the expert sub-groups (EDP).
+        "experts_local_only": all(u.plan.local_only for u in units if u.layout.world_size < WORLD),
+        "expert_units": sum(u.layout.world_size < WORLD for u in units),
+    }
+
+
+def _muon_matrices(optimizer) -> int:
+    """Matrices the single-process reference orthogonalizes per step (each expert of a stack)."""
+    from expertopt.updates.muon import matrix_view
+
+    views = [
+        matrix_view(p, is_expert=g["expert"], num_heads=g["num_heads"])
+        for g in optimizer.param_groups
+        if g["use_muon"]
+        for p in g["params"]
+    ]
+    return sum(v.numel() // (v.shape[-2] * v.shape[-1]) for v in views)
+
+
+def _autoep_checks(rank: int, world_size: int) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    return {case: _autoep_case(rank, *case) for case in AUTOEP_CASES}
+
+
+@pytest.fixture(scope="module")
+def autoep_zero3_results():
+    return run_ranks(_autoep_checks, WORLD)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", AUTOEP_CASES, ids=lambda c: f"{c[0]}-ep{c[1]}")
+def test_autoep_experts_at_zero3_match_reference_without_exchange(autoep_zero3_results, case):
+    results = [r[case] for r in autoep_zero3_results]
+    assert all(r["error"] < 2e-5 for r in results), [r["error"] for r in results]
+    assert min(min(r["ref_norms"]) for r in results) > 2 * 0.05, "clipping was not active"
+    assert all(r["expert_units"] > 0 for r in results)
+    # Every matrix (dense over DP, each global expert over its EDP group) has exactly one owner.
+    assert sum(r["owned"] for r in results) == results[0]["matrices"]
+    # Whole experts in every EDP rank's partition: orthogonalized where they live, no exchange.
+    assert all(r["experts_local_only"] for r in results)
