@@ -47,7 +47,7 @@ class ShardedMatrices:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owners: tuple[int, ...] = ()
     plan: ExchangePlan | None = None
-    _scales: dict[str | None, list[float | Tensor]] = field(default_factory=dict, repr=False)
+    _scales: dict[str | None, list[tuple[int, int] | Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.owners:
@@ -71,26 +71,28 @@ class ShardedMatrices:
         """The dtype orthogonalized pieces travel back in (see ``exact_wire_dtype``)."""
         return exact_wire_dtype(ns_method, ns_dtype, ((m.rows, m.cols) for m in self.layout.matrices), like)
 
-    def lr_scales(self, adjust_lr_fn: str | None, like: Tensor) -> list[float | Tensor]:
-        """Per local buffer, the AdjustLR factor of its elements: one number when every matrix in
-        the buffer shares it (ZeRO-0 parameters), else a tensor (0 at padding); cached per rule."""
+    def lr_scales(self, adjust_lr_fn: str | None, like: Tensor) -> list[tuple[int, int] | Tensor]:
+        """Per local buffer, how its elements scale the lr: the one matrix shape all of them
+        share (ZeRO-0 parameters), else a tensor of AdjustLR factors (0 at padding); cached."""
         if adjust_lr_fn not in self._scales:
-            by_buffer: list[dict[float, list[tuple[int, int]]]] = [{} for _ in self.layout.buffer_numels]
+            by_buffer: list[dict[tuple[int, int], list[tuple[int, int]]]] = [
+                {} for _ in self.layout.buffer_numels
+            ]
             for matrix in self.layout.matrices:
-                scale = adjusted_lr(1.0, adjust_lr_fn, (matrix.rows, matrix.cols))
                 for piece in matrix.pieces:
                     if piece.rank == self.rank:
-                        by_buffer[piece.buffer].setdefault(scale, []).append((piece.offset, piece.numel))
-            scales: list[float | Tensor] = []
+                        spans = by_buffer[piece.buffer].setdefault((matrix.rows, matrix.cols), [])
+                        spans.append((piece.offset, piece.numel))
+            scales: list[tuple[int, int] | Tensor] = []
             for numel, runs in zip(self.layout.buffer_numels, by_buffer, strict=True):
                 covered = sum(n for spans in runs.values() for _, n in spans)
                 if len(runs) == 1 and covered == numel:
                     scales.append(next(iter(runs)))
                     continue
                 tensor = torch.zeros(numel, dtype=like.dtype, device=like.device)
-                for scale, spans in runs.items():
+                for shape, spans in runs.items():
                     for offset, n in spans:
-                        tensor[offset : offset + n] = scale
+                        tensor[offset : offset + n] = adjusted_lr(1.0, adjust_lr_fn, shape)
                 scales.append(tensor)
             self._scales[adjust_lr_fn] = scales
         return self._scales[adjust_lr_fn]
@@ -158,11 +160,15 @@ def sharded_muon_step(
     )  # fmt: skip
     if hyper.weight_decay != 0:
         torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)  # torch.optim.Muon: unadjusted lr
-    scales = shards.lr_scales(hyper.adjust_lr_fn, params[0])
-    by_kind: dict[bool, list[int]] = defaultdict(list)
-    for index, scale in enumerate(scales):
-        by_kind[isinstance(scale, Tensor)].append(index)
-    for indices in by_kind.values():
-        chosen = [updates[i] for i in indices]
-        torch._foreach_mul_(chosen, [scales[i] for i in indices])
-        torch._foreach_add_([params[i].view(-1) for i in indices], chosen, alpha=-hyper.lr)
+    # The same arithmetic as the single-process step, so replicas (ZeRO-0) land on its bits:
+    # buffers whose matrices share one shape take one foreach add per shape at the adjusted lr;
+    # mixed buffers (ZeRO partitions) one addcmul with the per-element factor.
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, scale in enumerate(shards.lr_scales(hyper.adjust_lr_fn, params[0])):
+        if isinstance(scale, Tensor):
+            params[index].view(-1).addcmul_(updates[index], scale, value=-hyper.lr)
+        else:
+            by_shape[scale].append(index)
+    for shape, indices in by_shape.items():
+        alpha = -adjusted_lr(hyper.lr, hyper.adjust_lr_fn, shape)
+        torch._foreach_add_([params[i].view(-1) for i in indices], [updates[i] for i in indices], alpha=alpha)
