@@ -258,22 +258,22 @@ def _plan_summary(engine: Any) -> dict[str, int]:
 
     optimizer = engine.basic_optimizer
     summary = dict.fromkeys(("held", "straddling", "sent", "wire", "flops"), 0)
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            shard = getattr(optimizer, "shards", {}).get(id(param))
-            if shard is None:
-                continue
-            layout, rank = shard.layout, shard.rank
-            reply = shard.reply_dtype(group["ns_method"], group["ns_dtype"], param)
-            for index, matrix in enumerate(layout.matrices):
-                lo, hi = layout.piece(index, rank)
-                summary["held"] += hi - lo
-                summary["straddling"] += (hi - lo) if len(layout.holders(index)) > 1 else 0
-                if shard.owners[index] != rank:
-                    summary["sent"] += hi - lo
-                    summary["wire"] += (hi - lo) * (param.element_size() + reply.itemsize)
-                else:
-                    summary["flops"] += ns_flops((matrix.rows, matrix.cols), method="standard")
+    muon_groups = [g for g in optimizer.param_groups if g.get("use_muon")]
+    if not muon_groups:
+        return summary
+    ns_dtype = muon_groups[0]["ns_dtype"]
+    for unit in getattr(optimizer, "shard_units", []):
+        layout, rank = unit.layout, unit.rank
+        reply = unit.reply_dtype(unit.ns_method, ns_dtype, torch.zeros((), dtype=torch.float32))
+        for index, matrix in enumerate(layout.matrices):
+            held = matrix.held(rank)
+            summary["held"] += held
+            summary["straddling"] += held if len({p.rank for p in matrix.pieces}) > 1 else 0
+            if unit.owners[index] != rank:
+                summary["sent"] += held
+                summary["wire"] += held * (4 + reply.itemsize)  # fp32 partitions out, reply back
+            else:
+                summary["flops"] += ns_flops((matrix.rows, matrix.cols), method="standard")
     return summary
 
 

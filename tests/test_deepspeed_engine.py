@@ -148,9 +148,11 @@ def test_optimizer_params_are_routed():
     assert parse_optimizer_config({"type": "Adam"}) is None  # DeepSpeed's own optimizers pass through
 
 
-def test_zero3_double_optimizer_and_no_grad_norm_are_refused():
-    with pytest.raises(NotImplementedError, match="ZeRO-3 is not implemented yet"):
-        expertopt.initialize(model=ToyMoE(), config=_config(3))
+def test_zero3_settings_double_optimizer_and_no_grad_norm_are_refused():
+    forced_all_reduce = _config(3)
+    forced_all_reduce["zero_optimization"]["reduce_scatter"] = False
+    with pytest.raises(ValueError, match='reduce_scatter": false doubles the gradient bytes'):
+        expertopt.initialize(model=ToyMoE(), config=forced_all_reduce)
     no_norm = _config(2, gradient_clipping=0.0)
     no_norm["zero_optimization"]["compute_grad_norm"] = False
     with pytest.raises(ValueError, match='remove "compute_grad_norm"'):

@@ -334,7 +334,6 @@ def _run_case(rank: int, ep_size: int, kind: str, stage: int, accumulation: int,
         kind_ = "expert" if ".experts." in name else "dense"
         moved[kind_] = max(moved[kind_], (param.detach() - initial[name]).abs().max().item())
     expertopt.updates.muon.orthogonalize = kernel
-    shards = getattr(engine.basic_optimizer, "shards", {})
     routing = {
         name: (group["use_muon"], group["expert"])
         for group in engine.basic_optimizer.param_groups
@@ -345,7 +344,7 @@ def _run_case(rank: int, ep_size: int, kind: str, stage: int, accumulation: int,
         "weight_error": weight_error,
         "gradient_error": {k: max(e[k] for e in gradient_errors) for k in ("dense", "expert")},
         "moved": moved,
-        "owned": sum(s.owned_matrices for s in shards.values()),
+        "owned": engine.basic_optimizer.owned_matrices() if kind == "Muon" else 0,
         "ns_matrices_per_step": counting["matrices"] / STEPS,
         "ref_norm": ref_norm,
         "ds_norm": float(engine.get_global_grad_norm()) if stage in (1, 2) or clipping else None,

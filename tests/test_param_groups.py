@@ -285,8 +285,7 @@ def _single_process(shape, layout, blocks):
 
 
 def _layout_paths_on_rank(rank: int, world_size: int) -> list[dict]:
-    from expertopt.distributed.layout import FlatLayout, matrices_of
-    from expertopt.distributed.replicated import ReplicaGroup
+    from expertopt.distributed.layout import flat_partition_layout, replicated_layout
     from expertopt.distributed.step import ShardedMatrices
 
     results = []
@@ -295,11 +294,8 @@ def _layout_paths_on_rank(rank: int, world_size: int) -> list[dict]:
         numel = start.numel()
         partition = -(-(numel + 5) // world_size)  # padding past the tensor, as ZeRO alignment adds
         keys = {"expert": True, "matrix_layout": layout, "row_blocks": blocks}
-        flat_layout = FlatLayout(
-            matrices_of([torch.Size(shape)], [0], is_expert=True, matrix_layout=layout, row_blocks=blocks),
-            partition,
-            world_size,
-        )
+        view = {"is_expert": True, "matrix_layout": layout, "row_blocks": blocks}
+        flat_layout = flat_partition_layout([torch.Size(shape)], [0], partition, world_size, **view)
 
         def my_slice(full, partition=partition):
             padded = torch.cat([full.reshape(-1), full.new_zeros(partition * world_size - full.numel())])
@@ -310,10 +306,11 @@ def _layout_paths_on_rank(rank: int, world_size: int) -> list[dict]:
             [{"params": [nn.Parameter(start.clone())], **keys}], lr=0.02, ns_dtype="float32"
         )
         sharded.param_groups[0]["params"] = [flat]  # as ZeRO-1/2 does after building the optimizer
-        sharded.attach_shards({id(flat): ShardedMatrices(flat_layout, rank)})
+        sharded.place_shards([(flat, ShardedMatrices(flat_layout, rank))])
         whole = nn.Parameter(start.clone())
         replicated = expertopt.Muon([{"params": [whole], **keys}], lr=0.02, ns_dtype="float32")
-        replicated.attach_replicas({id(whole): ReplicaGroup()})
+        replicas = ShardedMatrices(replicated_layout([torch.Size(shape)], world_size, **view), rank)
+        replicated.place_shards([(whole, replicas)])
         for grad in grads:
             flat.grad, whole.grad = my_slice(grad), grad.clone()
             sharded.step()

@@ -29,18 +29,16 @@ from typing import Any
 import deepspeed
 import deepspeed.comm as ds_dist
 import torch
-import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 from deepspeed.runtime.utils import is_invalid_grad_norm
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import nn
 
-from expertopt.distributed.layout import FlatLayout, matrices_of
-from expertopt.distributed.replicated import ReplicaGroup
-from expertopt.distributed.step import ShardedMatrices
 from expertopt.integrations._autoep_compat import transformers_registry_shim
 from expertopt.integrations._model_parameters import normalize, route_model_parameters
+from expertopt.integrations.deepspeed_shards import zero0_placements, zero12_placements
+from expertopt.integrations.deepspeed_zero3 import attach_zero3, check_zero3_config
 from expertopt.optim._base import SharedFiniteCheck
 from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
@@ -70,7 +68,7 @@ _MUON_KEYS = {"momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "ns_c
               "betas", "adamw_eps"}  # fmt: skip
 _ADAMW_KEYS = {"betas", "eps", "amsgrad"}
 _ADAMW_GROUP_KEYS = {"lr", "weight_decay", "expert_lr_mult"}
-# Keys for the engine glue itself: how ZeRO-0 runs Newton-Schulz (see _attach_replicas).
+# Keys for the engine glue itself: how ZeRO-0 runs Newton-Schulz (see deepspeed_shards.zero0_placements).
 _ENGINE_KEYS = {"zero0_newton_schulz"}
 ZERO0_MODES = ("owners", "redundant")
 _NEEDS_GRAD_NORM = (
@@ -169,10 +167,7 @@ def _build_groups(
 def _check_supported(config: dict[str, Any]) -> int:
     stage = int(config.get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
-        raise NotImplementedError(
-            "expertopt's DeepSpeed glue supports ZeRO stages 0, 1 and 2; ZeRO-3 is not implemented yet. "
-            'Set "zero_optimization": {"stage": 2} or use DeepSpeed\'s own optimizer'
-        )
+        check_zero3_config(config["zero_optimization"])
     if stage in (1, 2) and config["zero_optimization"].get("compute_grad_norm", True) is False:
         raise ValueError(_NEEDS_GRAD_NORM)
     return stage
@@ -306,32 +301,6 @@ def _shared_finite_check(engine: Any, zero: DeepSpeedZeroOptimizer) -> SharedFin
     return lambda _grads: (not is_invalid_grad_norm(zero._global_grad_norm), engine.global_steps)
 
 
-def _attach_replicas(engine: Any, optimizer: Muon) -> None:
-    """ZeRO-0: every rank of a group's gradient all-reduce holds the same gradients and momentum,
-    so each Muon matrix can be orthogonalized by one owner there and the results all-gathered
-    (``zero0_newton_schulz: "owners"``) instead of on every rank ("redundant")."""
-    from deepspeed.utils import groups
-
-    if engine.mpu is not None:
-        dense = ReplicaGroup(engine.mpu.get_data_parallel_group())
-    else:
-        dense = ReplicaGroup(groups._get_sequence_data_parallel_group())  # what the engine reduces over
-    experts: dict[str, ReplicaGroup] = {}
-    replicas = {}
-    for group in optimizer.param_groups:
-        if not group["use_muon"]:
-            continue
-        for param in group["params"]:
-            if is_moe_param(param):
-                name = param.group_name
-                if name not in experts:
-                    experts[name] = ReplicaGroup(groups._get_expert_data_parallel_group(name))
-                replicas[id(param)] = experts[name]
-            else:
-                replicas[id(param)] = dense
-    optimizer.attach_replicas(replicas)
-
-
 def _attach_zero0_clipping(engine: Any, optimizer: Muon | AdamW) -> None:
     """ZeRO-0 with experts: clip with the true global norm instead of DeepSpeed's.
 
@@ -395,7 +364,7 @@ def topology(engine: Any) -> dict[str, Any]:
         "world_size": ds_dist.get_world_size(),
         "data_parallel_size": engine.dp_world_size,
         "expert_groups": sorted({p.group_name for p in engine.module.parameters() if is_moe_param(p)}),
-        "optimizer_state": "flat ZeRO partitions" if stage in (1, 2) else "whole parameters",
+        "optimizer_state": {0: "whole parameters", 3: "ZeRO-3 partitions"}.get(stage, "flat ZeRO partitions"),
     }
 
 
@@ -476,6 +445,9 @@ def attach(engine: Any, zero0_newton_schulz: str = "owners") -> None:
             'inside ZeRO; do not set "type": "muon" for DeepSpeed and expertopt at once'
         )
     zero = engine.optimizer
+    if engine.zero_optimization_stage() == 3:
+        attach_zero3(engine, optimizer, zero)
+        return
     if not isinstance(zero, DeepSpeedZeroOptimizer):
         if type(zero).__name__ == "BF16_Optimizer":
             raise NotImplementedError(
@@ -483,31 +455,11 @@ def attach(engine: Any, zero0_newton_schulz: str = "owners") -> None:
                 'supported yet; use "zero_optimization": {"stage": 2} with bf16'
             )
         if isinstance(optimizer, Muon) and zero0_newton_schulz == "owners":
-            _attach_replicas(engine, optimizer)
+            optimizer.place_shards(zero0_placements(engine, optimizer))
         _attach_zero0_clipping(engine, optimizer)
         return
     optimizer.shared_finite_check = _shared_finite_check(engine, zero)
     if not isinstance(optimizer, Muon):
         optimizer.rebind_state()  # AdamW is elementwise: the flat partitions are all it needs
         return
-    shards = {}
-    for index, group in enumerate(optimizer.param_groups):
-        if not group["use_muon"]:
-            continue
-        process_group = zero.real_dp_process_group[index]
-        params = zero.round_robin_bit16_groups[index]
-        layout = FlatLayout(
-            matrices_of(
-                [p.shape for p in params],
-                list(zero.round_robin_bit16_offsets[index]),
-                is_expert=group["expert"],
-                num_heads=group["num_heads"],
-                matrix_layout=group["matrix_layout"],
-                row_blocks=group["row_blocks"],
-            ),
-            int(zero.partition_size[index]),
-            ds_dist.get_world_size(group=process_group),
-        )
-        flat = zero.single_partition_of_fp32_groups[index]
-        shards[id(flat)] = ShardedMatrices(layout, dist.get_rank(group=process_group), process_group)
-    optimizer.attach_shards(shards)
+    optimizer.place_shards(zero12_placements(optimizer, zero))

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from expertopt.distributed.replicated import ReplicaGroup, replicated_muon_step
-from expertopt.distributed.step import ShardedMatrices, sharded_muon_step
+from expertopt.distributed.step import ShardedMatrices, check_agreement, place, sharded_muon_step, shards_of
 from expertopt.kernels import (
     DEFAULT_EPS,
     DEFAULT_NS_COEFFICIENTS,
@@ -126,10 +125,9 @@ class Muon(GroupedOptimizer):
         if adjust_lr_fn not in ADJUST_LR_FNS:
             raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
         self.adamw_defaults = {"betas": betas, "eps": adamw_eps, "fused": fused, "foreach": foreach}
-        # Flat ZeRO partitions standing in for whole matrices, by id (see attach_shards).
-        self.shards: dict[int, ShardedMatrices] = {}
-        # Whole parameters replicated over a process group (ZeRO-0), by id (see attach_replicas).
-        self.replicas: dict[int, ReplicaGroup] = {}
+        # Every unit an engine placed (see place_shards): for reports; the step reads each
+        # tensor's own unit (``shards_of``).
+        self.shard_units: list[ShardedMatrices] = []
         # Stacked layout of each group's single-process Muon parameters, by group index: (key, plan).
         self._muon_plans: dict[int, tuple[tuple, MuonPlan]] = {}
         defaults = {
@@ -194,13 +192,13 @@ class Muon(GroupedOptimizer):
                 f"matrix_layout={group['matrix_layout']!r} is unknown; use one of {MATRIX_LAYOUTS} ({where})"
             )
         for position, param in enumerate(group["params"]):
-            if param.ndim < 2 and id(param) not in self.shards:
+            if param.ndim < 2 and shards_of(param) is None:
                 raise ValueError(
                     f"{param_label(group, position, param)} is {param.ndim}-D and cannot be in a Muon "
                     f"group ({where}): Muon orthogonalizes matrices. Move it to a group with "
                     "use_muon=False (AdamW), or let expertopt.build_param_groups(model) route it"
                 )
-            if id(param) not in self.shards:
+            if shards_of(param) is None:
                 self._check_layout_fits(group, position, param, where)
 
     @staticmethod
@@ -240,7 +238,7 @@ class Muon(GroupedOptimizer):
     def _guard_on_device(self) -> bool:
         """The device flag masks single-process Muon and fused AdamW; ZeRO's partitions, the
         ZeRO-0 exchange and non-fused AdamW take the host's decision before stepping."""
-        if self.shards or self.replicas or not super()._guard_on_device():
+        if self.shard_units or not super()._guard_on_device():
             return False
         return all(group["use_muon"] or adamw_group_is_fused(group) for group in self.param_groups)
 
@@ -285,17 +283,22 @@ class Muon(GroupedOptimizer):
         return plan
 
     def _step_muon_group(self, group: dict[str, Any], guard: DeviceGuard | None) -> None:
-        params, grads = self._grads_of(group)
-        local = [i for i, p in enumerate(params) if id(p) not in self.shards and id(p) not in self.replicas]
-        if len(local) < len(params):
-            params_local, grads_local = [params[i] for i in local], [grads[i] for i in local]
-        else:
-            params_local, grads_local = params, grads
-        if params_local:
-            plan = self._muon_plan(group, params_local)
+        """Whole parameters through the planned ``muon_step``; tensors an engine placed in a unit
+        (ZeRO partitions, replicated parameters) through the distributed step, one call per unit."""
+        units: dict[int, tuple[ShardedMatrices, list[Tensor]]] = {}
+        whole = []
+        for param in group["params"]:
+            unit = shards_of(param)
+            if unit is None:
+                if param.grad is not None:
+                    whole.append(param)
+            else:
+                units.setdefault(id(unit), (unit, []))[1].append(param)
+        if whole:
+            plan = self._muon_plan(group, whole)
             muon_step(
-                params_local,
-                grads_local,
+                whole,
+                [p.grad for p in whole],
                 plan.momentum_views,
                 MuonHyperparams.from_group(group, step_lr(group)),
                 is_expert=group["expert"],
@@ -303,43 +306,35 @@ class Muon(GroupedOptimizer):
                 plan=plan,
                 finite=guard.finite if guard is not None else None,
             )
-        if len(local) == len(params):
-            return
         hyper = MuonHyperparams.from_group(group, effective_lr(group))
-        by_replicas: dict[ReplicaGroup, list[int]] = {}
-        for i, param in enumerate(params):
-            if id(param) in self.replicas:
-                by_replicas.setdefault(self.replicas[id(param)], []).append(i)
-        for replicas, indices in by_replicas.items():
-            replicated_muon_step(
-                [params[i] for i in indices],
-                [grads[i] for i in indices],
-                [self.state[params[i]]["momentum_buffer"] for i in indices],
-                replicas,
-                hyper,
-                is_expert=group["expert"],
-                num_heads=group["num_heads"],
-                matrix_layout=group["matrix_layout"],
-                row_blocks=group["row_blocks"],
-            )
-        for param, grad in zip(params, grads, strict=True):
-            if id(param) in self.shards:
-                buffer = self.state[param]["momentum_buffer"]
-                sharded_muon_step(param, grad, buffer, self.shards[id(param)], hyper)
+        for unit, params in units.values():
+            if len(params) != len(unit.layout.buffer_numels):
+                raise ValueError(
+                    f"a sharded Muon unit expects {len(unit.layout.buffer_numels)} local buffers in one "
+                    f"param group, found {len(params)}: the engine adapter placed it inconsistently"
+                )
+            # Every rank of the unit joins the exchange: a buffer without a gradient (no tokens
+            # reached it) contributes zeros, the same decision on every rank.
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            sharded_muon_step(params, grads, buffers, unit, hyper)
 
     # -- engines -----------------------------------------------------------------------------
-    def attach_replicas(self, replicas: dict[int, ReplicaGroup]) -> None:
-        """Declare parameters (by ``id``) that every rank of a process group holds identically,
-        with identical gradients (ZeRO-0 after the engine's all-reduce): each of their matrices
-        is then orthogonalized by one owner rank and the results all-gathered, instead of on
-        every rank. Called by an engine adapter (``expertopt.integrations.deepspeed``)."""
-        self.replicas = dict(replicas)
+    def place_shards(self, placements: list[tuple[Tensor, ShardedMatrices]]) -> None:
+        """Declare local buffers that stand in for (parts of) Muon matrices, each with its unit.
 
-    def attach_shards(self, shards: dict[int, ShardedMatrices]) -> None:
-        """Declare flat partitions (by ``id``) that stand in for whole Muon matrices.
-
-        Called by an engine adapter (``expertopt.integrations.deepspeed``) after the engine
-        replaced each group's parameters with this rank's flat slice.
+        Called by an engine adapter (``expertopt.integrations``) once the groups hold the tensors
+        the engine will step (ZeRO flat partitions, or ZeRO-0's replicated parameters). Ranks
+        first check that they agree on every unit (a clear error on all of them, not a hang),
+        then state is re-created for the tensors the groups hold.
         """
-        self.shards = dict(shards)
+        units = list({id(unit): unit for _, unit in placements}.values())
+        check_agreement(units)
+        for tensor, unit in placements:
+            place(tensor, unit)
+        self.shard_units = units
         self.rebind_state()
+
+    def owned_matrices(self) -> int:
+        """Matrices this rank orthogonalizes per step, over every placed unit."""
+        return sum(unit.owned_matrices for unit in self.shard_units)

@@ -1,0 +1,103 @@
+"""DeepSpeed ZeRO-3 glue: expertopt's Muon / AdamW as the client optimizer of stage 3.
+
+What DeepSpeed 0.19.8 does at stage 3 with a client optimizer (``stage3.py``), and we rely on:
+gradients are reduce-scattered over each parameter's partition group (``"reduce_scatter"``
+stays true: only DeepSpeed's own Muon forces an all-reduce, F12), averaged over micro-batches,
+unscaled and clipped with the global norm of the *raw* gradients (``unscale_and_clip_grads``,
+before the client step, F5); a non-finite norm skips the step before the client sees it. Then
+for each sub-group ``i`` in order, on every rank, it sets ``param_groups[g]["params"] =
+[fp32_partitioned_groups_flat[i]]`` (this rank's chunk of each of the sub-group's parameters,
+back to back), calls ``step()``, and empties the group again.
+
+So each Muon sub-group is one unit of the shard description
+(:func:`expertopt.distributed.layout.param_partition_layout`): momentum lives on the rank's
+chunk only, every matrix is gathered to one owner (chosen by Newton-Schulz cost), orthogonalized
+once there in batched calls, and its pieces sent back in the Newton-Schulz dtype. Checkpoints:
+DeepSpeed fills the groups with every sub-group's flat partition around ``state_dict`` and
+``load_state_dict``, so state is keyed by those tensors (:func:`attach_zero3` rebinds it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from deepspeed.runtime.utils import is_invalid_grad_norm
+
+from expertopt.distributed.layout import param_partition_layout
+from expertopt.distributed.step import ShardedMatrices
+from expertopt.optim.adamw import AdamW
+from expertopt.optim.muon import Muon
+
+__all__ = ["attach_zero3", "check_zero3_config", "zero3_placements"]
+
+
+def check_zero3_config(zero_config: dict[str, Any]) -> None:
+    """Refuse, with the fix, the stage-3 settings the flat-partition glue cannot serve."""
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero_config.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ValueError(
+                f'"zero_optimization.{key}" with device {device!r} is not supported with expertopt\'s '
+                f'optimizers at ZeRO-3 yet (swapped partitions change identity between steps); remove "{key}"'
+            )
+    if zero_config.get("reduce_scatter") is False:
+        raise ValueError(
+            '"zero_optimization.reduce_scatter": false doubles the gradient bytes at ZeRO-3 and expertopt '
+            "does not need it (DeepSpeed forces it only for its own Muon); remove the setting"
+        )
+
+
+def zero3_placements(optimizer: Muon, zero: Any) -> list:
+    """Every Muon sub-group's flat fp32 partition with its unit."""
+    placements = []
+    for sub_group, params in enumerate(zero.fp16_groups):
+        group = optimizer.param_groups[zero.sub_group_to_group_id[sub_group]]
+        if not group["use_muon"]:
+            continue
+        process_group = zero.sub_group_process_groups[sub_group]
+        layout = param_partition_layout(
+            [p.ds_shape for p in params],
+            [p.partition_numel() for p in params],
+            dist.get_world_size(group=process_group),
+            is_expert=group["expert"],
+            num_heads=group["num_heads"],
+            matrix_layout=group["matrix_layout"],
+            row_blocks=group["row_blocks"],
+        )
+        flat = zero.fp32_partitioned_groups_flat[sub_group]
+        if flat.numel() != layout.buffer_numels[0]:
+            raise RuntimeError(
+                f"ZeRO-3 sub-group {sub_group}: flat partition of {flat.numel()} elements, expected "
+                f"{layout.buffer_numels[0]} from its parameters' partitions (DeepSpeed layout changed?)"
+            )
+        unit = ShardedMatrices(
+            layout,
+            dist.get_rank(group=process_group),
+            process_group,
+            ns_method=group["ns_method"],
+            ns_steps=group["ns_steps"],
+            device=flat.device,
+        )
+        placements.append((flat, unit))
+    return placements
+
+
+def attach_zero3(engine: Any, optimizer: Muon | AdamW, zero: Any) -> None:
+    """Place every Muon sub-group and key optimizer state by the flat partitions DeepSpeed steps."""
+    if zero.offload_optimizer or zero.swap_optimizer:
+        check_zero3_config({"offload_optimizer": {"device": "cpu"}})
+    # Every rank takes DeepSpeed's verdict on the global norm (computed before any sub-group
+    # steps), so no rank skips a step, and its exchanges, that another one takes.
+    optimizer.shared_finite_check = lambda _grads: (
+        not is_invalid_grad_norm(zero._global_grad_norm),
+        engine.global_steps,
+    )
+    zero._set_fp32_optimizer_param_groups()
+    try:
+        if isinstance(optimizer, Muon):
+            optimizer.place_shards(zero3_placements(optimizer, zero))
+        else:
+            optimizer.rebind_state()
+    finally:
+        zero._clear_fp32_optimizer_param_groups()
