@@ -51,7 +51,7 @@ class DemoConfig:
     """AutoEP expert-parallel size; must divide ``world``; 1 keeps every expert on every rank.
     None: :func:`default_ep`."""
     stage: int = 2
-    """ZeRO stage (0, 1 or 2)."""
+    """ZeRO stage (0, 1, 2 or 3)."""
     steps: int = 200
     optimizer: str = "both"
     """``muon``, ``adamw`` or ``both`` (Muon first)."""
@@ -126,18 +126,8 @@ class DemoConfig:
                 f"--ep {self.ep} does not divide the {experts} experts of {self.model}; use --ep in "
                 f"{[d for d in _divisors(experts) if self.world % d == 0]}"
             )
-        if self.stage == 3:
-            found.append(
-                "--stage 3: expertopt's DeepSpeed glue supports ZeRO stages 0, 1 and 2 (ZeRO-3 is not "
-                "implemented yet); use --stage 2"
-            )
-        elif self.stage not in (0, 1, 2):
-            found.append(f"--stage {self.stage} is not a ZeRO stage; use 0, 1 or 2")
-        elif self.stage == 0 and self.ep > 1:
-            found.append(
-                "--stage 0 with --ep > 1: DeepSpeed 0.19.8 clips gradients at ZeRO-0 with the mean of "
-                "per-rank norms, which is wrong with expert parallelism (F4); use --stage 1 or 2, or --ep 1"
-            )
+        if self.stage not in (0, 1, 2, 3):
+            found.append(f"--stage {self.stage} is not a ZeRO stage; use 0, 1, 2 or 3")
         if self.global_batch % self.world:
             found.append(
                 f"--global-batch {self.global_batch} is not divisible by --world {self.world}; every rank "

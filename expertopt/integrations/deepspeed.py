@@ -1,4 +1,4 @@
-"""DeepSpeed glue: ``"optimizer": {"type": "Muon"}`` in a DeepSpeed config, at ZeRO stage 0, 1 or 2.
+"""DeepSpeed glue: ``"optimizer": {"type": "Muon"}`` in a DeepSpeed config, at ZeRO stage 0, 1, 2 or 3.
 
 :func:`initialize` takes and returns what ``deepspeed.initialize`` does; :func:`patch_deepspeed`
 makes ``deepspeed.initialize`` itself do it, for callers we do not control (the Hugging Face
@@ -6,7 +6,8 @@ Trainer through accelerate). When the config names ``Muon`` or ``AdamW`` it remo
 optimizer block (so DeepSpeed neither builds its own Muon nor tags parameters ``use_muon``,
 which would switch on DeepSpeed's in-ZeRO Newton-Schulz), builds expertopt's optimizer from the
 routed param groups of the model or of ``model_parameters`` (after AutoEP has replaced modules),
-and, at ZeRO-1/2, tells it where each matrix lives in the flat partitions so every matrix is
+and tells it where each matrix lives (flat partitions at ZeRO-1/2, sub-group chunks at ZeRO-3,
+replicas at ZeRO-0; ``deepspeed_shards`` / ``deepspeed_zero3``) so every matrix is
 orthogonalized once by one owner inside its DP (dense) or EDP (expert) group. At ZeRO-0 with
 experts it replaces DeepSpeed's clipping norm, which is wrong there.
 
