@@ -24,6 +24,7 @@ from torch import Tensor
 from expertopt.distributed.layout import flat_partition_layout, replicated_layout
 from expertopt.distributed.step import ShardedMatrices
 from expertopt.optim.muon import Muon
+from expertopt.updates.muon import matrix_view_options
 
 __all__ = ["zero0_placements", "zero12_placements"]
 
@@ -54,10 +55,7 @@ def zero12_placements(optimizer: Muon, zero: Any) -> Placements:
             list(zero.round_robin_bit16_offsets[index]),
             int(zero.partition_size[index]),
             ds_dist.get_world_size(group=process_group),
-            is_expert=group["expert"],
-            num_heads=group["num_heads"],
-            matrix_layout=group["matrix_layout"],
-            row_blocks=group["row_blocks"],
+            **matrix_view_options(group),
         )
         flat = zero.single_partition_of_fp32_groups[index]
         placements.append((flat, _unit(layout, group, process_group, flat)))
@@ -89,10 +87,7 @@ def zero0_placements(engine: Any, optimizer: Muon) -> Placements:
             layout = replicated_layout(
                 [p.shape for p in params],
                 ds_dist.get_world_size(group=process_group),
-                is_expert=group["expert"],
-                num_heads=group["num_heads"],
-                matrix_layout=group["matrix_layout"],
-                row_blocks=group["row_blocks"],
+                **matrix_view_options(group),
             )
             unit = _unit(layout, group, process_group, params[0])
             placements.extend((param, unit) for param in params)

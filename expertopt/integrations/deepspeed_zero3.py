@@ -28,6 +28,7 @@ from expertopt.distributed.layout import param_partition_layout
 from expertopt.distributed.step import ShardedMatrices
 from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
+from expertopt.updates.muon import matrix_view_options
 
 __all__ = ["attach_zero3", "check_zero3_config", "zero3_placements"]
 
@@ -60,10 +61,7 @@ def zero3_placements(optimizer: Muon, zero: Any) -> list:
             [p.ds_shape for p in params],
             [p.partition_numel() for p in params],
             dist.get_world_size(group=process_group),
-            is_expert=group["expert"],
-            num_heads=group["num_heads"],
-            matrix_layout=group["matrix_layout"],
-            row_blocks=group["row_blocks"],
+            **matrix_view_options(group),
         )
         flat = zero.fp32_partitioned_groups_flat[sub_group]
         if flat.numel() != layout.buffer_numels[0]:

@@ -45,6 +45,7 @@ from expertopt.updates.muon import (
     MATRIX_LAYOUTS,
     MuonHyperparams,
     matrix_view,
+    matrix_view_options,
     muon_step,
     plan_muon_step,
 )
@@ -207,10 +208,7 @@ class Muon(GroupedOptimizer):
         try:
             matrix_view(
                 torch.empty(param.shape, device="meta"),
-                is_expert=group["expert"],
-                num_heads=group["num_heads"],
-                matrix_layout=group["matrix_layout"],
-                row_blocks=group["row_blocks"],
+                **matrix_view_options(group),
             )
         except ValueError as error:
             raise ValueError(
@@ -259,10 +257,7 @@ class Muon(GroupedOptimizer):
             tuple(map(id, params)),
             group["ns_method"],
             group["adjust_lr_fn"],
-            group["expert"],
-            group["num_heads"],
-            group["matrix_layout"],
-            group["row_blocks"],
+            *matrix_view_options(group).values(),
         )
         cached = self._muon_plans.get(index)
         if cached is not None and cached[0] == key:
@@ -272,10 +267,7 @@ class Muon(GroupedOptimizer):
             params,
             [s["momentum_buffer"] for s in states],
             MuonHyperparams.from_group(group, 0.0),
-            is_expert=group["expert"],
-            num_heads=group["num_heads"],
-            matrix_layout=group["matrix_layout"],
-            row_blocks=group["row_blocks"],
+            **matrix_view_options(group),
         )
         for state, view in zip(states, plan.momentum_views, strict=True):
             state["momentum_buffer"] = view
@@ -301,8 +293,7 @@ class Muon(GroupedOptimizer):
                 [p.grad for p in whole],
                 plan.momentum_views,
                 MuonHyperparams.from_group(group, step_lr(group)),
-                is_expert=group["expert"],
-                num_heads=group["num_heads"],
+                **matrix_view_options(group),
                 plan=plan,
                 finite=guard.finite if guard is not None else None,
             )

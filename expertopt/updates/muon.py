@@ -38,6 +38,7 @@ __all__ = [
     "blend_momentum",
     "matrix_geometry",
     "matrix_view",
+    "matrix_view_options",
     "muon_step",
     "orthogonalize_updates",
     "plan_muon_step",
@@ -122,6 +123,17 @@ def blend_momentum(
     if nesterov:
         return list(torch._foreach_lerp(grads, momentum_buffers, momentum))
     return list(momentum_buffers)
+
+
+def matrix_view_options(group: dict[str, Any]) -> dict[str, Any]:
+    """A Muon group's keys that decide how its tensors are viewed as matrices, as the keyword
+    arguments of :func:`matrix_view` (and of every function that forwards them)."""
+    return {
+        "is_expert": group["expert"],
+        "num_heads": group["num_heads"],
+        "matrix_layout": group["matrix_layout"],
+        "row_blocks": group["row_blocks"],
+    }
 
 
 def matrix_view(
