@@ -29,6 +29,7 @@ __all__ = [
     "DeviceGuard",
     "GroupedOptimizer",
     "SharedFiniteCheck",
+    "SkippedStepCounter",
     "effective_lr",
     "finite_flag",
     "group_label",
@@ -99,7 +100,39 @@ def check_betas(betas: Any, where: str) -> None:
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r} ({where})")
 
 
-class GroupedOptimizer(Optimizer):
+class SkippedStepCounter:
+    """``nonfinite_steps``: steps skipped for a non-finite gradient, counted on the host (the host
+    guard) or on the device (the device guard: no sync until the count is read).
+
+    Shared by :class:`GroupedOptimizer` and :class:`expertopt.MoEOptimizer`, whose one verdict
+    covers its dense and expert optimizers. Owners set ``capturable``.
+    """
+
+    capturable: bool
+    _host_nonfinite_steps: int = 0
+    _device_nonfinite_steps: Tensor | None = None
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (reads the device counter: one sync, on demand)."""
+        device = self._device_nonfinite_steps
+        return self._host_nonfinite_steps + (int(device.item()) if device is not None else 0)
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: int) -> None:
+        self._host_nonfinite_steps, self._device_nonfinite_steps = value, None
+
+    def _count_skipped(self, guard: DeviceGuard) -> None:
+        """Count a masked step on the device; unless ``capturable``, read it once to warn (F10)."""
+        skipped = guard.found_inf
+        if self._device_nonfinite_steps is None:
+            self._device_nonfinite_steps = torch.zeros_like(skipped)
+        self._device_nonfinite_steps.add_(skipped)  # in place: the same tensor step after step
+        if not self.capturable and skipped.item():
+            warn_skipped(self, stacklevel=5)
+
+
+class GroupedOptimizer(SkippedStepCounter, Optimizer):
     """Base class: validation, eager state, lr multipliers and the non-finite guard.
 
     Subclasses implement :meth:`_complete_group` (validate a group), :meth:`_init_state` (create
@@ -112,7 +145,7 @@ class GroupedOptimizer(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.capturable = capturable
         self._host_nonfinite_steps = 0
-        self._device_nonfinite_steps: Tensor | None = None
+        self._device_nonfinite_steps = None
         # Set by engine adapters when each rank holds only a partition of the gradients (ZeRO-1/2).
         self.shared_finite_check: SharedFiniteCheck | None = None
         super().__init__(params, defaults)
@@ -172,16 +205,6 @@ class GroupedOptimizer(Optimizer):
             for position, param in enumerate(group["params"]):
                 self._init_state(group, param, position)
 
-    @property
-    def nonfinite_steps(self) -> int:
-        """Steps skipped for a non-finite gradient (reads the device counter: one sync, on demand)."""
-        device = self._device_nonfinite_steps
-        return self._host_nonfinite_steps + (int(device.item()) if device is not None else 0)
-
-    @nonfinite_steps.setter
-    def nonfinite_steps(self, value: int) -> None:
-        self._host_nonfinite_steps, self._device_nonfinite_steps = value, None
-
     # -- checkpoints -------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then re-complete groups and fill state a checkpoint lacked (e.g. torch.optim.Muon's
@@ -217,15 +240,6 @@ class GroupedOptimizer(Optimizer):
         their own conditions (e.g. an AdamW group that does not run torch's fused kernel).
         """
         return self.shared_finite_check is None
-
-    def _count_skipped(self, guard: DeviceGuard) -> None:
-        """Count a masked step on the device; unless ``capturable``, read it once to warn (F10)."""
-        skipped = guard.found_inf
-        if self._device_nonfinite_steps is None:
-            self._device_nonfinite_steps = torch.zeros_like(skipped)
-        self._device_nonfinite_steps.add_(skipped)  # in place: the same tensor step after step
-        if not self.capturable and skipped.item():
-            warn_skipped(self, stacklevel=5)
 
     def _step_groups(self, guard: DeviceGuard | None) -> None:
         for group in self.param_groups:
