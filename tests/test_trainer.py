@@ -15,6 +15,7 @@ Newton-Schulz; measured below 1e-6.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -32,6 +33,7 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB, SEQ_LEN, SEQUENCES = 16, 16, 8
 STEPS, WARMUP = 5, 2
+SAVE_STEP = 2  # resumed runs restart from the checkpoint written after this step
 LR, ADAMW_LR, MAX_GRAD_NORM = 0.02, 3e-3, 1.0
 FACTORY_KWARGS = {"lr": LR, "adamw_lr": ADAMW_LR, "ns_dtype": "float32"}
 TOLERANCE = 2e-5
@@ -233,9 +235,51 @@ def test_trainer_ddp_with_factory_matches_single_process():
         assert_same_weights(weights, expected)
 
 
+def train_with_factory_saving(output_dir: str, resume_from: str | None = None) -> transformers.Trainer:
+    """The single-process factory run, saving a checkpoint every SAVE_STEP steps.
+
+    transformers 5.24's Trainer saves a checkpoint with ``save_pretrained``, which by default
+    converts fused experts back to the hub's per-expert keys (``save_original_format=True``), and
+    resumes with a plain ``load_state_dict(strict=False)`` that does not convert them: the expert
+    weights are silently not restored ("missing keys" warning). Saving the training layout avoids
+    that transformers bug; the optimizer side is what this run checks.
+    """
+    model = tiny_qwen3_moe()
+    model.save_pretrained = functools.partial(model.save_pretrained, save_original_format=False)
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args(output_dir, SEQUENCES, save_strategy="steps", save_steps=SAVE_STEP),
+        train_dataset=fibonacci_dataset(),
+        optimizer_cls_and_kwargs=(MuonFactory, dict(FACTORY_KWARGS)),
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer
+
+
+@pytest.mark.slow
+def test_trainer_factory_resume_continues_bit_identically(tmp_path):
+    """The Trainer saves MoEOptimizer's state in torch's layout (optimizer.pt) and resumes from it:
+    same weights, bit for bit, as the run that was never interrupted (issue 10)."""
+    uninterrupted = train_with_factory_saving(str(tmp_path / "a"))
+    checkpoint = tmp_path / "a" / f"checkpoint-{SAVE_STEP}"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert set(saved) == {"state", "param_groups"}
+    assert [g["name"] for g in saved["param_groups"]] == ["adamw", "muon", "adamw_no_decay", "expert_muon"]
+    indices = [i for g in saved["param_groups"] for i in g["params"]]
+    assert indices == list(range(len(indices))) == sorted(saved["state"])  # one index space
+    experts = saved["param_groups"][-1]
+    assert all(saved["state"][i]["momentum_buffer"].ndim == 3 for i in experts["params"])
+
+    resumed = train_with_factory_saving(str(tmp_path / "b"), resume_from=str(checkpoint))
+    assert resumed.state.global_step == STEPS
+    assert losses(resumed) == losses(uninterrupted)  # the Trainer keeps the saved history
+    expected = trained_weights(uninterrupted)
+    for name, value in trained_weights(resumed).items():
+        torch.testing.assert_close(value, expected[name], atol=0, rtol=0, msg=name)
+
+
 # -- the Trainer with a DeepSpeed config: ZeRO-2, AutoEP EP=2, config optimizer "Muon" ---------------
 AUTOEP_SIZE = 2
-SAVE_STEP = 2
 
 
 def deepspeed_config(scheduler_block: bool) -> dict:
