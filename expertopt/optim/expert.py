@@ -236,25 +236,23 @@ class MoEOptimizer(SkippedStepCounter, Optimizer):
         each half keeps its keys, and torch's own loader maps them by position in the groups.
         """
         _check_torch_layout(state_dict)
-        groups = state_dict["param_groups"]
-        _check_groups_match(groups, self.param_groups, len(self.dense.param_groups))
+        groups, state = state_dict["param_groups"], state_dict["state"]
         split = len(self.dense.param_groups)
-        halves = []
-        for saved_groups in (groups[:split], groups[split:]):
-            keys = {key for group in saved_groups for key in group["params"]}
-            state = {key: value for key, value in state_dict["state"].items() if key in keys}
-            halves.append({"state": state, "param_groups": saved_groups})
-        stray = [
-            key
-            for key in state_dict["state"]
-            if key not in halves[0]["state"] and key not in halves[1]["state"]
-        ]
+        _check_groups_match(groups, self.param_groups, split)
+        listed = {key for group in groups for key in group["params"]}
+        stray = [key for key in state if key not in listed]
         if stray:
             raise ValueError(
                 f"MoEOptimizer state_dict has state for {stray[:5]}, which no saved param group lists: "
                 "the state dict is inconsistent; save it again with MoEOptimizer.state_dict()"
             )
-        return halves[0], halves[1]
+        dense_keys = {key for group in groups[:split] for key in group["params"]}
+        dense = {key: value for key, value in state.items() if key in dense_keys}
+        experts = {key: value for key, value in state.items() if key not in dense_keys}
+        return (
+            {"state": dense, "param_groups": groups[:split]},
+            {"state": experts, "param_groups": groups[split:]},
+        )
 
 
 def _check_torch_layout(state_dict: dict[str, Any]) -> None:
