@@ -132,6 +132,19 @@ def test_state_dict_of_another_shape_is_refused_with_the_fix(toy_moe):
         optimizer.load_state_dict({"state": saved["state"]})
 
 
+def test_deepcopy_is_an_independent_optimizer(toy_moe):
+    """torch's ``__getstate__`` keeps only the (derived) groups and state; MoEOptimizer keeps its
+    two optimizers, so a deep copy of model and optimizer together trains on its own."""
+    optimizer = _moe(toy_moe)
+    _train(toy_moe, optimizer, range(2))
+    twin, twin_optimizer = copy.deepcopy((toy_moe, optimizer))
+    assert twin_optimizer.experts.param_groups[0]["params"][0] is twin.w_in
+    _train(toy_moe, optimizer, range(2, 4))
+    _train(twin, twin_optimizer, range(2, 4))
+    _assert_same_params(twin, toy_moe)
+    assert not any(p is q for p, q in zip(twin.parameters(), toy_moe.parameters(), strict=True))
+
+
 def test_torch_state_dict_hooks_run(toy_moe):
     optimizer = _moe(toy_moe)
     calls = []

@@ -30,6 +30,7 @@ __all__ = [
     "GroupedOptimizer",
     "SharedFiniteCheck",
     "SkippedStepCounter",
+    "copyable_attributes",
     "effective_lr",
     "finite_flag",
     "group_label",
@@ -206,6 +207,9 @@ class GroupedOptimizer(SkippedStepCounter, Optimizer):
                 self._init_state(group, param, position)
 
     # -- checkpoints -------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return copyable_attributes(self)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then re-complete groups and fill state a checkpoint lacked (e.g. torch.optim.Muon's
         lazily created state), so every parameter has the same keys afterwards."""
@@ -271,6 +275,28 @@ class GroupedOptimizer(SkippedStepCounter, Optimizer):
                     raise RuntimeError(f"{rule} does not support sparse gradients")
                 grads.append(param.grad)
         return grads
+
+
+# torch's __setstate__ re-creates these empty; its own __getstate__ leaves them out.
+_HOOK_TABLES = frozenset(
+    f"_optimizer_{kind}_hooks"
+    for kind in (
+        "step_pre",
+        "step_post",
+        "state_dict_pre",
+        "state_dict_post",
+        "load_state_dict_pre",
+        "load_state_dict_post",
+    )
+)
+
+
+def copyable_attributes(optimizer: Optimizer) -> dict[str, Any]:
+    """What ``copy.deepcopy`` and pickle keep of an expertopt optimizer: every attribute but torch's
+    hook tables. torch's own ``__getstate__`` keeps only defaults, state and param_groups, which
+    would drop the attributes expertopt's optimizers step with (a copy would fail at its first step).
+    """
+    return {key: value for key, value in optimizer.__dict__.items() if key not in _HOOK_TABLES}
 
 
 SharedFiniteCheck = Callable[[list[Tensor]], tuple[bool, Hashable]]

@@ -31,6 +31,7 @@ from expertopt.optim._base import (
     GroupedOptimizer,
     SharedFiniteCheck,
     SkippedStepCounter,
+    copyable_attributes,
     effective_lr,
     group_label,
     param_label,
@@ -228,6 +229,11 @@ class MoEOptimizer(SkippedStepCounter, Optimizer):
         self.experts.load_state_dict(experts)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps only defaults, state and param_groups, which here are views of the two
+        # optimizers: keep the optimizers themselves (copy.deepcopy, pickle).
+        return copyable_attributes(self)
 
     def _split_state_dict(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The dense and expert halves of a torch-layout state dict, split by group position.
