@@ -14,7 +14,8 @@ import copy
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import toy_loss
+from conftest import ToyMoE, toy_loss
+from distributed import run_ranks
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -155,33 +156,57 @@ def test_torch_state_dict_hooks_run(toy_moe):
 
 
 # -- torch.distributed.checkpoint ---------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # single process, on purpose
-def test_distributed_checkpoint_round_trip_continues_bit_identically(toy_moe, tmp_path):
-    """DCP's own idiom, single process: get_*_state_dict -> dcp.save; dcp.load -> set_*_state_dict."""
-    first = copy.deepcopy(toy_moe)
+def _dcp_round_trip(initial: torch.nn.Module, directory: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """DCP's own idiom: get_*_state_dict -> dcp.save after 3 steps; a fresh model and optimizer
+    (stepped once, so their state differs) dcp.load -> set_*_state_dict. Both then take 3 more
+    steps; returns (uninterrupted, resumed)."""
+    first = copy.deepcopy(initial)
     optimizer = _moe(first)
     _train(first, optimizer, range(3))
     saved = {"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, optimizer)}
     # DCP keys optimizer state by parameter name: the expert stacks' momentum is there by name.
     assert saved["optim"]["state"]["w_in"]["momentum_buffer"].shape == first.w_in.shape
     assert any("w_in" in g["params"] and g["expert"] for g in saved["optim"]["param_groups"])
-    dcp.save(saved, checkpoint_id=str(tmp_path))
+    dcp.save(saved, checkpoint_id=directory)
 
-    resumed = copy.deepcopy(toy_moe)
+    resumed = copy.deepcopy(initial)
     resumed_optimizer = _moe(resumed)
-    _train(resumed, resumed_optimizer, [10])  # other state, to be overwritten
+    _train(resumed, resumed_optimizer, [10])
     template = {
         "model": get_model_state_dict(resumed),
         "optim": get_optimizer_state_dict(resumed, resumed_optimizer),
     }
-    dcp.load(template, checkpoint_id=str(tmp_path))
+    dcp.load(template, checkpoint_id=directory)
     set_model_state_dict(resumed, template["model"])
     set_optimizer_state_dict(resumed, resumed_optimizer, template["optim"])
     _assert_same_state(resumed_optimizer.state_dict()["state"], optimizer.state_dict()["state"])
 
     _train(first, optimizer, range(3, 6))
     _train(resumed, resumed_optimizer, range(3, 6))
-    _assert_same_params(resumed, first)
+    return first, resumed
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # single process, on purpose
+def test_distributed_checkpoint_round_trip_continues_bit_identically(toy_moe, tmp_path):
+    uninterrupted, resumed = _dcp_round_trip(toy_moe, str(tmp_path))
+    _assert_same_params(resumed, uninterrupted)
+
+
+def _dcp_rank(rank: int, world_size: int, directory: str) -> dict[str, bool]:
+    torch.manual_seed(0)
+    uninterrupted, resumed = _dcp_round_trip(ToyMoE(), directory)  # replicated, as under DDP
+    return {
+        name: torch.equal(a, b)
+        for (name, a), b in zip(uninterrupted.named_parameters(), resumed.parameters(), strict=True)
+    }
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_round_trip_on_two_gloo_ranks(tmp_path):
+    """The same with a process group: DCP's planner writes each replicated tensor once and every
+    rank reads it back (the state dict has the same keys on every rank)."""
+    for same in run_ranks(_dcp_rank, 2, str(tmp_path)):
+        assert same and all(same.values()), [name for name, equal in same.items() if not equal]
 
 
 # -- schedulers after a load (F1) ---------------------------------------------------------------
