@@ -34,29 +34,34 @@ WEIGHT_TOLERANCE = 2e-5
 
 pytestmark = pytest.mark.slow
 
-# (placement, EP size, gradient accumulation, dead experts)
+# (placement, EP size, gradient accumulation, variant). Variants: "dead", every token routed to
+# experts 0 and 1; "mixed", DeepSpeed itself keeps the small dense parameters (norms) persistent
+# over the 4 ranks, so its post-step all-gather spans two process groups (DP and EDP).
 PARITY_CASES = [
-    ("replicated", 1, 1, False),
-    ("replicated", 2, 1, False),
-    ("replicated", 2, 2, False),
-    ("replicated", 4, 2, False),
-    ("replicated", 2, 1, True),
-    ("sharded", 2, 2, False),
+    ("replicated", 1, 1, ""),
+    ("replicated", 2, 1, ""),
+    ("replicated", 2, 2, ""),
+    ("replicated", 4, 2, ""),
+    ("replicated", 2, 1, "dead"),
+    ("replicated", 2, 2, "mixed"),
+    ("sharded", 2, 2, ""),
 ]
+# Elements: the norms (16) stay whole, every matrix and expert stack (>= 128) is partitioned.
+MIXED_PERSISTENCE_THRESHOLD = 64
 
 
 def _schedule(step: int) -> float:
     return 1.0 / (1.0 + step)
 
 
-def _config(placement: str, ep_size: int, accumulation: int) -> dict:
+def _config(placement: str, ep_size: int, accumulation: int, persistence_threshold: int = 0) -> dict:
     import test_autoep as autoep
 
     config = autoep._config(PRESET, ep_size, 3)
     config["gradient_accumulation_steps"] = accumulation
     config["optimizer"]["params"]["expert_placement"] = placement
-    # Every parameter partitioned: dense matrices over the 4 ranks, experts over EDP.
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    # Threshold 0: every parameter partitioned, dense ones over the 4 ranks, experts over EDP.
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence_threshold
     return config
 
 
@@ -68,17 +73,18 @@ def _tokens(step: int, micro: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (WORLD * autoep.SEQUENCES, autoep.LENGTH), generator=generator)
 
 
-def _engine(placement: str, ep_size: int, accumulation: int, dead: bool = False):
+def _engine(placement: str, ep_size: int, accumulation: int, variant: str = ""):
     import test_autoep as autoep
     from moe_models import tiny_moe
 
     model = tiny_moe(PRESET, seed=1)
-    if dead:
+    if variant == "dead":
         autoep._kill_experts(model)
+    threshold = MIXED_PERSISTENCE_THRESHOLD if variant == "mixed" else 0
     reference = autoep._reference(model)
     engine, *_ = expertopt.initialize(
         model=model,
-        config=_config(placement, ep_size, accumulation),
+        config=_config(placement, ep_size, accumulation, threshold),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule),
     )
     return engine, reference
@@ -167,12 +173,12 @@ def _edp_gathers(records: dict, edp_size: int) -> dict[str, int]:
     return calls
 
 
-def _parity_case(rank: int, counter, placement: str, ep_size: int, accumulation: int, dead: bool) -> dict:
+def _parity_case(rank: int, counter, placement: str, ep_size: int, accumulation: int, variant: str) -> dict:
     from test_deepspeed_zero3 import _muon_matrices
 
     import expertopt.distributed.step as step
 
-    engine, reference = _engine(placement, ep_size, accumulation, dead)
+    engine, reference = _engine(placement, ep_size, accumulation, variant)
     ns = {"matrices": 0}
     kernel = _count_newton_schulz(ns)
     try:
@@ -195,6 +201,7 @@ def _parity_case(rank: int, counter, placement: str, ep_size: int, accumulation:
         "matrices": _muon_matrices(ref_optimizer),
         "edp_gathers": gathers,
         "experts_persistent": bool(experts) and all(id(p) in persistent for p in experts),
+        "persistent_groups": len({id(p.ds_process_group) for p in engine.optimizer.persistent_parameters}),
         "state_keys": sorted(sorted(v) for v in state.values()),
         "tokens_per_expert": [m.tokens.tolist() for m in reference.modules() if hasattr(m, "tokens")],
     }
@@ -255,8 +262,8 @@ def replicated_results(tmp_path_factory):
 
 
 def _case_id(case) -> str:
-    placement, ep_size, accumulation, dead = case
-    return f"{placement}-ep{ep_size}-gas{accumulation}" + ("-dead" if dead else "")
+    placement, ep_size, accumulation, variant = case
+    return f"{placement}-ep{ep_size}-gas{accumulation}" + (f"-{variant}" if variant else "")
 
 
 @pytest.mark.parametrize("case", PARITY_CASES, ids=_case_id)
@@ -279,7 +286,7 @@ def test_each_matrix_orthogonalized_once(replicated_results, case):
 
 
 def test_experts_without_tokens_do_not_hang_and_keep_state_keys(replicated_results):
-    results = [r[("replicated", 2, 1, True)] for r in replicated_results]
+    results = [r[("replicated", 2, 1, "dead")] for r in replicated_results]
     # Precondition: experts 2 and 3 (EP rank 1's) got no token in any step.
     (tokens,) = results[0]["tokens_per_expert"]
     assert tokens[2] == tokens[3] == 0 and min(tokens[:2]) > 0, tokens
@@ -287,14 +294,24 @@ def test_experts_without_tokens_do_not_hang_and_keep_state_keys(replicated_resul
 
 
 def test_forward_and_backward_gather_no_experts_when_replicated(replicated_results):
-    replicated = [r[("replicated", 2, 2, False)]["edp_gathers"] for r in replicated_results]
-    sharded = [r[("sharded", 2, 2, False)]["edp_gathers"] for r in replicated_results]
+    replicated = [
+        r[case]["edp_gathers"]
+        for r in replicated_results
+        for case in (("replicated", 2, 2, ""), ("replicated", 2, 2, "mixed"))
+    ]
+    sharded = [r[("sharded", 2, 2, "")]["edp_gathers"] for r in replicated_results]
     for gathers in replicated:
         assert gathers["fwd"] == gathers["bwd"] == 0, gathers
         assert gathers["step"] > 0, gathers  # the post-step all-gather of the updated experts
     for gathers in sharded:
         assert gathers["fwd"] + gathers["bwd"] > 0, gathers
         assert gathers["step"] == 0, gathers
+
+
+def test_post_step_gather_spans_dense_and_expert_groups(replicated_results):
+    # DeepSpeed's own persistent norms (over the 4 ranks) and the experts (over EDP) in one list:
+    # its _all_gather groups them by process group; parity above shows both are refreshed.
+    assert all(r[("replicated", 2, 2, "mixed")]["persistent_groups"] == 2 for r in replicated_results)
 
 
 def test_checkpoint_resume_is_bit_identical(replicated_results):

@@ -119,7 +119,7 @@ def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
             f'"optimizer.params.zero0_newton_schulz" must be one of {ZERO0_MODES}, '
             f"got {engine['zero0_newton_schulz']!r}"
         )
-    if engine.get("expert_placement", "replicated") not in EXPERT_PLACEMENTS:
+    if engine.get("expert_placement", EXPERT_PLACEMENTS[0]) not in EXPERT_PLACEMENTS:
         raise ValueError(
             f'"optimizer.params.expert_placement" must be one of {EXPERT_PLACEMENTS}, '
             f"got {engine['expert_placement']!r}"
