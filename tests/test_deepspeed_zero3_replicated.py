@@ -240,7 +240,44 @@ def _all_checks(rank: int, world_size: int, directory: str) -> dict:
         results[case] = _parity_case(rank, counter, *case)
     results["resume"] = _resume_case(rank, directory)
     results["no_experts"] = _no_experts_message()
+    results["bf16"] = _bf16_case(rank)
     return results
+
+
+def _bf16_case(rank: int) -> dict:
+    """bf16 experts: whole bf16 copies on every EDP rank, refreshed from fp32 master partitions."""
+    import test_autoep as autoep
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from moe_models import tiny_moe
+
+    config = _config("replicated", 2, 1)
+    config["bf16"] = {"enabled": True}
+    engine, *_ = expertopt.initialize(model=tiny_moe(PRESET, seed=1), config=config)
+    _train(engine, rank, range(2), 1)
+    zero = engine.optimizer
+    checks = {"whole": True, "same_on_edp": True, "master_fp32": True, "matches_master": True}
+    for sub_group, params in enumerate(zero.fp16_groups):
+        if not any(getattr(q, "allreduce", True) is False for q in params):
+            continue
+        masters = zero.fp32_partitioned_groups_flat[sub_group].split([q.ds_tensor.numel() for q in params])
+        checks["master_fp32"] &= zero.fp32_partitioned_groups_flat[sub_group].dtype == torch.float32
+        for param, master in zip(params, masters, strict=True):
+            checks["whole"] &= param.ds_status == ZeroParamStatus.AVAILABLE and param.dtype == torch.bfloat16
+            # This rank's piece of the whole weight it computes with is its fp32 master, rounded.
+            start = dist.get_rank(group=param.ds_process_group) * param.ds_tensor.numel()
+            piece = param.data.reshape(-1)[start : start + param.ds_tensor.numel()]
+            checks["matches_master"] &= torch.equal(piece, master[: piece.numel()].to(torch.bfloat16))
+            copies = [
+                torch.empty_like(param.data) for _ in range(dist.get_world_size(param.ds_process_group))
+            ]
+            dist.all_gather(copies, param.data, group=param.ds_process_group)
+            checks["same_on_edp"] &= all(torch.equal(copy, param.data) for copy in copies)
+    rows = slice(rank * autoep.SEQUENCES, (rank + 1) * autoep.SEQUENCES)
+    checks["finite_loss"] = bool(
+        torch.isfinite(engine(input_ids=_tokens(9, 0)[rows], labels=_tokens(9, 0)[rows]).loss)
+    )
+    return checks
 
 
 def _no_experts_message() -> str:
@@ -312,6 +349,11 @@ def test_post_step_gather_spans_dense_and_expert_groups(replicated_results):
     # DeepSpeed's own persistent norms (over the 4 ranks) and the experts (over EDP) in one list:
     # its _all_gather groups them by process group; parity above shows both are refreshed.
     assert all(r[("replicated", 2, 2, "mixed")]["persistent_groups"] == 2 for r in replicated_results)
+
+
+def test_bf16_experts_are_whole_copies_of_their_fp32_masters(replicated_results):
+    for result in replicated_results:
+        assert all(result["bf16"].values()) and len(result["bf16"]) == 5, result["bf16"]
 
 
 def test_checkpoint_resume_is_bit_identical(replicated_results):
