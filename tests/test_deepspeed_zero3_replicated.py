@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 # (placement, EP size, gradient accumulation, variant). Variants: "dead", every token routed to
 # experts 0 and 1; "mixed", DeepSpeed itself keeps the small dense parameters (norms) persistent
-# over the 4 ranks, so its post-step all-gather spans two process groups (DP and EDP).
+# over the 4 ranks, so its post-step all-gather spans two process groups (DP and EDP);
+# "deepspeed.initialize", the patched ``deepspeed.initialize`` with ``model_parameters``.
 PARITY_CASES = [
     ("replicated", 1, 1, ""),
     ("replicated", 2, 1, ""),
@@ -44,6 +45,7 @@ PARITY_CASES = [
     ("replicated", 4, 2, ""),
     ("replicated", 2, 1, "dead"),
     ("replicated", 2, 2, "mixed"),
+    ("replicated", 2, 1, "deepspeed.initialize"),
     ("sharded", 2, 2, ""),
 ]
 # Elements: the norms (16) stay whole, every matrix and expert stack (>= 128) is partitioned.
@@ -82,12 +84,21 @@ def _engine(placement: str, ep_size: int, accumulation: int, variant: str = ""):
         autoep._kill_experts(model)
     threshold = MIXED_PERSISTENCE_THRESHOLD if variant == "mixed" else 0
     reference = autoep._reference(model)
-    engine, *_ = expertopt.initialize(
-        model=model,
-        config=_config(placement, ep_size, accumulation, threshold),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule),
-    )
-    return engine, reference
+    arguments = {
+        "model": model,
+        "config": _config(placement, ep_size, accumulation, threshold),
+        "lr_scheduler": lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule),
+    }
+    if variant != "deepspeed.initialize":
+        return expertopt.initialize(**arguments)[0], reference
+    # DeepSpeed's tutorial idiom, through the patched deepspeed.initialize (the Trainer's door).
+    import deepspeed
+
+    expertopt.patch_deepspeed()
+    try:
+        return deepspeed.initialize(**arguments, model_parameters=model.parameters())[0], reference
+    finally:
+        expertopt.unpatch_deepspeed()
 
 
 def _train(engine, rank: int, steps: range, accumulation: int, counter=None) -> None:
