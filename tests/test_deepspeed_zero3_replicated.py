@@ -21,6 +21,8 @@ Tolerance 2e-5 as in tests/test_autoep.py (reduction order; measured ~6e-7).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from distributed import run_ranks
@@ -105,23 +107,18 @@ def _train(engine, rank: int, steps: range, accumulation: int, counter=None) -> 
     import test_autoep as autoep
 
     rows = slice(rank * autoep.SEQUENCES, (rank + 1) * autoep.SEQUENCES)
+    phase = counter.during if counter is not None else lambda _name: contextlib.nullcontext()
     for step in steps:
         if counter is not None and step == 1:  # step 0 records ZeRO-3's trace; count from step 1
             counter.reset()
         for micro in range(accumulation):
             mine = _tokens(step, micro)[rows]
-            with counter.during("fwd") if counter else _nothing():
+            with phase("fwd"):
                 loss = engine(input_ids=mine, labels=mine).loss
-            with counter.during("bwd") if counter else _nothing():
+            with phase("bwd"):
                 engine.backward(loss)
-            with counter.during("step") if counter else _nothing():
+            with phase("step"):
                 engine.step()
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _train_reference(reference, accumulation: int):
@@ -227,9 +224,10 @@ def _resume_case(rank: int, directory: str) -> bool:
     resumed, _ = _engine("replicated", 2, 1)
     resumed.load_checkpoint(directory, tag="replicated")
     _train(resumed, rank, range(2, 4), 1)
-    import deepspeed
 
     def weights(engine):
+        import deepspeed
+
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params):
             return [p.detach().clone() for p in params]
