@@ -8,7 +8,8 @@ optimizer state stay partitioned over EDP and the step is the "sharded" one
 - weights after 3 steps equal a single-process fp32 reference (AutoEP's split ``w1``/``w2``/
   ``w3`` layout, the whole global batch, ``clip_grad_norm_`` active, tests/test_autoep.py) at
   EP 1, 2 and 4, gradient accumulation 1 and 2, with a ``LambdaLR`` scheduler driving both
-  (an expert group left out of the schedule, F1, would miss by the lr ratio);
+  (an expert group left out of the schedule, F1, would miss by the lr ratio), and the engine's
+  global gradient norm equals the reference's (Muon would hide a wrongly scaled clip, F4);
 - per-rank Newton-Schulz counts add up to one per matrix (each global expert once);
 - experts that get no tokens (EP 2: every token routed to experts 0 and 1, so one EP rank's
   experts get none) neither hang nor lose parity, and every rank keeps the same state keys;
@@ -103,11 +104,13 @@ def _engine(placement: str, ep_size: int, accumulation: int, variant: str = ""):
         expertopt.unpatch_deepspeed()
 
 
-def _train(engine, rank: int, steps: range, accumulation: int, counter=None) -> None:
+def _train(engine, rank: int, steps: range, accumulation: int, counter=None) -> list[float]:
+    """Train ``steps``; returns the engine's global gradient norm of each (before clipping)."""
     import test_autoep as autoep
 
     rows = slice(rank * autoep.SEQUENCES, (rank + 1) * autoep.SEQUENCES)
     phase = counter.during if counter is not None else lambda _name: contextlib.nullcontext()
+    norms = []
     for step in steps:
         if counter is not None and step == 1:  # step 0 records ZeRO-3's trace; count from step 1
             counter.reset()
@@ -119,6 +122,8 @@ def _train(engine, rank: int, steps: range, accumulation: int, counter=None) -> 
                 engine.backward(loss)
             with phase("step"):
                 engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    return norms
 
 
 def _train_reference(reference, accumulation: int):
@@ -190,7 +195,7 @@ def _parity_case(rank: int, counter, placement: str, ep_size: int, accumulation:
     ns = {"matrices": 0}
     kernel = _count_newton_schulz(ns)
     try:
-        _train(engine, rank, range(STEPS), accumulation, counter)
+        engine_norms = _train(engine, rank, range(STEPS), accumulation, counter)
     finally:
         step.orthogonalize_updates = kernel
         counter.phase = None
@@ -204,6 +209,7 @@ def _parity_case(rank: int, counter, placement: str, ep_size: int, accumulation:
     return {
         "error": _weight_error(engine, reference, ep_size),
         "ref_norms": norms,
+        "engine_norms": engine_norms,
         "ns_matrices_per_step": ns["matrices"] / STEPS,
         "owned": engine.basic_optimizer.owned_matrices(),
         "matrices": _muon_matrices(ref_optimizer),
@@ -319,6 +325,9 @@ def test_experts_match_single_process_reference(replicated_results, case):
     results = [r[case] for r in replicated_results]
     assert all(r["error"] < WEIGHT_TOLERANCE for r in results), [r["error"] for r in results]
     assert min(min(r["ref_norms"]) for r in results) > 2 * autoep.CLIP, "clipping was not active"
+    # The clipping norm counts every expert once (F4): Muon hides a wrong scale in the weights.
+    for result in results:
+        assert result["engine_norms"] == pytest.approx(result["ref_norms"], rel=1e-5)
     # Placement "replicated": every expert a persistent parameter; "sharded": none.
     assert all(r["experts_persistent"] == (case[0] == "replicated") for r in results)
 
