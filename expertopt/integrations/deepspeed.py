@@ -39,7 +39,7 @@ from torch import nn
 from expertopt.integrations._autoep_compat import transformers_registry_shim
 from expertopt.integrations._model_parameters import normalize, route_model_parameters
 from expertopt.integrations.deepspeed_shards import zero0_placements, zero12_placements
-from expertopt.integrations.deepspeed_zero3 import attach_zero3, check_zero3_config
+from expertopt.integrations.deepspeed_zero3 import EXPERT_PLACEMENTS, attach_zero3, check_zero3_config
 from expertopt.optim._base import SharedFiniteCheck
 from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
@@ -69,8 +69,10 @@ _MUON_KEYS = {"momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "ns_c
               "betas", "adamw_eps"}  # fmt: skip
 _ADAMW_KEYS = {"betas", "eps", "amsgrad"}
 _ADAMW_GROUP_KEYS = {"lr", "weight_decay", "expert_lr_mult"}
-# Keys for the engine glue itself: how ZeRO-0 runs Newton-Schulz (see deepspeed_shards.zero0_placements).
-_ENGINE_KEYS = {"zero0_newton_schulz"}
+# Keys for the engine glue itself: how ZeRO-0 runs Newton-Schulz (deepspeed_shards.zero0_placements),
+# where AutoEP experts live at ZeRO-3 (deepspeed_zero3.attach_zero3).
+_ENGINE_KEYS = {"zero0_newton_schulz", "expert_placement"}
+_ADAMW_ENGINE_KEYS = {"expert_placement"}
 ZERO0_MODES = ("owners", "redundant")
 _NEEDS_GRAD_NORM = (
     '"zero_optimization": {"compute_grad_norm": false} is not supported with expertopt\'s optimizers: '
@@ -104,7 +106,7 @@ def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
     group_keys, optimizer_keys = (
         (_GROUP_KEYS, _MUON_KEYS) if kind == "muon" else (_ADAMW_GROUP_KEYS, _ADAMW_KEYS)
     )
-    engine_keys = _ENGINE_KEYS if kind == "muon" else set()
+    engine_keys = _ENGINE_KEYS if kind == "muon" else _ADAMW_ENGINE_KEYS
     unknown = set(params) - group_keys - optimizer_keys - engine_keys
     if unknown:
         raise ValueError(
@@ -116,6 +118,11 @@ def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
         raise ValueError(
             f'"optimizer.params.zero0_newton_schulz" must be one of {ZERO0_MODES}, '
             f"got {engine['zero0_newton_schulz']!r}"
+        )
+    if engine.get("expert_placement", EXPERT_PLACEMENTS[0]) not in EXPERT_PLACEMENTS:
+        raise ValueError(
+            f'"optimizer.params.expert_placement" must be one of {EXPERT_PLACEMENTS}, '
+            f"got {engine['expert_placement']!r}"
         )
     groups = {k: v for k, v in params.items() if k in group_keys}
     if kind == "muon":
@@ -163,6 +170,14 @@ def _build_groups(
         for group in groups:
             group["param_names"] = [names[id(p)] for p in group["params"]]
     return groups
+
+
+def _check_expert_placement_stage(expert_placement: str | None, stage: int) -> None:
+    if expert_placement is not None and stage != 3:
+        raise ValueError(
+            f'"optimizer.params.expert_placement" applies to ZeRO stage 3 only (at stage {stage} every '
+            'expert is whole on its expert-data-parallel ranks already): remove "expert_placement"'
+        )
 
 
 def _check_supported(config: dict[str, Any]) -> int:
@@ -216,6 +231,7 @@ def _engine_arguments(
     if model is None:
         raise ValueError("expertopt.initialize needs the model to route its parameters")
     stage = _check_supported(loaded)
+    _check_expert_placement_stage(spec.engine_options.get("expert_placement"), stage)
     loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
     loaded["zero_allow_untested_optimizer"] = True
     if stage in (1, 2):
@@ -428,9 +444,10 @@ def check_topology(engine: Any, load_dir: str, tag: Any = None) -> None:
         )
 
 
-def attach(engine: Any, zero0_newton_schulz: str = "owners") -> None:
+def attach(engine: Any, zero0_newton_schulz: str = "owners", expert_placement: str | None = None) -> None:
     """Register each Muon group's flat ZeRO-1/2 partition (or, at ZeRO-0, its replica process
-    group) with expertopt's optimizer, and record and check the topology in checkpoints.
+    group; at ZeRO-3 its sub-group chunks, with AutoEP experts in ``expert_placement``) with
+    expertopt's optimizer, and record and check the topology in checkpoints.
 
     A no-op when the engine's optimizer is not expertopt's.
     """
@@ -446,8 +463,9 @@ def attach(engine: Any, zero0_newton_schulz: str = "owners") -> None:
             'inside ZeRO; do not set "type": "muon" for DeepSpeed and expertopt at once'
         )
     zero = engine.optimizer
+    _check_expert_placement_stage(expert_placement, engine.zero_optimization_stage())
     if engine.zero_optimization_stage() == 3:
-        attach_zero3(engine, optimizer, zero)
+        attach_zero3(engine, optimizer, zero, expert_placement)
         return
     if not isinstance(zero, DeepSpeedZeroOptimizer):
         if type(zero).__name__ == "BF16_Optimizer":

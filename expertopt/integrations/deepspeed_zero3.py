@@ -15,6 +15,18 @@ chunk only, every matrix is gathered to one owner (chosen by Newton-Schulz cost)
 once there in batched calls, and its pieces sent back in the Newton-Schulz dtype. Checkpoints:
 DeepSpeed fills the groups with every sub-group's flat partition around ``state_dict`` and
 ``load_state_dict``, so state is keyed by those tensors (:func:`attach_zero3` rebinds it).
+
+AutoEP experts come in two placements (``"expert_placement"`` in the optimizer block). Both keep
+the fp32 masters, the gradients and the optimizer state partitioned over the expert-data-parallel
+(EDP) group, reduce expert gradients only inside EDP, and orthogonalize each expert matrix once
+(by the EDP rank whose chunk holds it). They differ in where the bf16/fp32 *compute* weights
+live. "sharded" is AutoEP's own ZeRO-3 partitioning: every forward and every backward gathers
+the experts from their EDP partitions. "replicated" keeps them whole on every EDP rank as ZeRO-3
+*persistent* parameters (:func:`keep_experts_whole`): the parameter coordinator never releases a
+``ds_persist`` parameter once its trace is recorded (``partitioned_param_coordinator.py``
+``__params_to_release``), and ``DeepSpeedZeroOptimizer_Stage3._post_step`` all-gathers the
+persistent parameters once per step, each over its own partition group (``_all_gather`` groups
+them by ``ds_process_group``): that gather is the all-gather of the orthogonalized results.
 """
 
 from __future__ import annotations
@@ -30,7 +42,21 @@ from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
 from expertopt.updates.muon import matrix_view_options
 
-__all__ = ["attach_zero3", "check_zero3_config", "zero3_placements"]
+__all__ = [
+    "DEFAULT_EXPERT_PLACEMENT",
+    "EXPERT_PLACEMENTS",
+    "attach_zero3",
+    "autoep_experts",
+    "check_zero3_config",
+    "keep_experts_whole",
+    "zero3_placements",
+]
+
+# Where AutoEP expert weights live between steps at ZeRO-3 (see the module docstring).
+EXPERT_PLACEMENTS = ("replicated", "sharded")
+# Measured 0.774x the bytes per rank per step of "sharded" at GAS 1, 0.658x at GAS 2 (docs/benchmarks.md,
+# "DeepSpeed ZeRO-3 with AutoEP experts: placements"); its cost is EDP x the resident expert weights.
+DEFAULT_EXPERT_PLACEMENT = "replicated"
 
 
 def check_zero3_config(zero_config: dict[str, Any]) -> None:
@@ -81,10 +107,42 @@ def zero3_placements(optimizer: Muon, zero: Any) -> list:
     return placements
 
 
-def attach_zero3(engine: Any, optimizer: Muon | AdamW, zero: Any) -> None:
-    """Place every Muon sub-group and key optimizer state by the flat partitions DeepSpeed steps."""
+def autoep_experts(module: Any) -> list:
+    """The AutoEP expert parameters of ``module`` (tagged by AutoEP inside ``deepspeed.initialize``)."""
+    return [p for p in module.parameters() if getattr(p, "ds_zero_placement_family", None) == "autoep_expert"]
+
+
+def keep_experts_whole(experts: list, zero: Any) -> None:
+    """Make ``experts`` ZeRO-3 persistent parameters: whole on every rank of their EDP group.
+
+    Gradients, fp32 masters and optimizer state stay partitioned over EDP (persistence changes
+    only when the compute weight is released: never, once the first step's trace is recorded),
+    so the optimizer step is the "sharded" one unchanged; DeepSpeed's post-step all-gather of the
+    persistent parameters then refreshes every EDP rank's whole copy.
+    """
+    added = [p for p in experts if not p.ds_persist]
+    for param in added:
+        param.ds_persist = True
+    # DeepSpeed's own list (stage3.persistent_parameters is parameter_offload's list object):
+    # gathered after every step and checkpoint event, partitioned around loading.
+    zero.persistent_parameters.extend(added)
+
+
+def attach_zero3(
+    engine: Any, optimizer: Muon | AdamW, zero: Any, expert_placement: str | None = None
+) -> None:
+    """Place every Muon sub-group and key optimizer state by the flat partitions DeepSpeed steps,
+    with AutoEP experts in ``expert_placement`` (None: :data:`DEFAULT_EXPERT_PLACEMENT`)."""
     if zero.offload_optimizer or zero.swap_optimizer:
         check_zero3_config({"offload_optimizer": {"device": "cpu"}})
+    experts = autoep_experts(engine.module)
+    if expert_placement is not None and not experts:
+        raise ValueError(
+            f'"optimizer.params.expert_placement": {expert_placement!r} places AutoEP experts, and this model '
+            'has none (no "expert_parallel": {"enabled": true} block converted it): remove "expert_placement"'
+        )
+    if (expert_placement or DEFAULT_EXPERT_PLACEMENT) == "replicated":
+        keep_experts_whole(experts, zero)
     # Every rank takes DeepSpeed's verdict on the global norm (computed before any sub-group
     # steps), so no rank skips a step, and its exchanges, that another one takes.
     optimizer.shared_finite_check = lambda _grads: (
