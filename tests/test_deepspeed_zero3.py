@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ToyMoE
+from conftest import ToyMoE, toy_head_groups, toy_head_rules
 from distributed import run_ranks
 
 import expertopt
@@ -25,8 +25,8 @@ WORLD = 4
 MICRO_BATCH = 1
 STEPS = 3
 LR, ADAMW_LR = 0.02, 3e-3
-# q, o; 2 stacks x 4 experts; 4 listed experts; router (lm_head and embeddings go to AdamW).
-MUON_MATRICES = 2 + 4 * 2 + 4 + 1
+# q and o heads; 2 stacks x 4 experts; 4 listed experts; router (lm_head, embeddings: AdamW).
+MUON_MATRICES = 4 + 2 + 4 * 2 + 4 + 1
 
 
 def _global_batch(step: int, micro: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _ds_config(kind: str, accumulation: int, clipping: float) -> dict:
 def _reference_optimizer(kind: str, model):
     name, _, method = kind.partition(":")
     if name == "Muon":
-        groups = expertopt.build_param_groups(model, lr=LR, adamw_lr=ADAMW_LR)
+        groups = expertopt.build_param_groups(model, lr=LR, adamw_lr=ADAMW_LR, rules=toy_head_rules())
         return expertopt.Muon(groups, ns_dtype="float32", ns_method=method or "standard")
     groups = expertopt.build_param_groups(model, lr=ADAMW_LR, adamw_lr=ADAMW_LR)
     for group in groups:
@@ -103,7 +103,10 @@ def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> di
     model = ToyMoE()
     reference = copy.deepcopy(model)
     initial = [p.detach().clone() for p in model.parameters()]
-    engine, *_ = expertopt.initialize(model=model, config=_ds_config(kind, accumulation, clipping))
+    groups = toy_head_groups(model) if kind.startswith("Muon") else model.parameters()
+    engine, *_ = expertopt.initialize(
+        model=model, model_parameters=groups, config=_ds_config(kind, accumulation, clipping)
+    )
     ref_opt = _reference_optimizer(kind, reference)
     counter = {"matrices": 0}
     kernel = _count_newton_schulz(counter)
@@ -140,7 +143,10 @@ def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> di
 def _resume_case(rank: int, directory: str) -> bool:
     def engine_():
         torch.manual_seed(0)
-        engine, *_ = expertopt.initialize(model=ToyMoE(), config=_ds_config("Muon", 1, 0.05))
+        model = ToyMoE()
+        engine, *_ = expertopt.initialize(
+            model=model, model_parameters=toy_head_groups(model), config=_ds_config("Muon", 1, 0.05)
+        )
         return engine
 
     uninterrupted = engine_()
