@@ -165,17 +165,48 @@ CASES = [
 ]
 
 
-def _all_cases(rank: int, world_size: int) -> dict:
+def _resume_case(rank: int, directory: str) -> bool:
+    """BF16_Optimizer: 4 steps straight equal 2 steps, save, load into a fresh engine, 2 more."""
+
+    def engine_():
+        torch.manual_seed(0)
+        model = ToyMoE()
+        config = _config(1, 1, True, "standard")
+        return expertopt.initialize(model=model, model_parameters=toy_head_groups(model), config=config)[0]
+
+    def train(engine, steps):
+        for step in steps:
+            engine.backward(
+                _loss(engine, _global_batch(step, 0)[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH])
+            )
+            engine.step()
+
+    uninterrupted = engine_()
+    train(uninterrupted, range(4))
+    first = engine_()
+    train(first, range(2))
+    first.save_checkpoint(directory, tag="bf16")
+    resumed = engine_()
+    resumed.load_checkpoint(directory, tag="bf16")
+    train(resumed, range(2, 4))
+    return all(
+        torch.equal(a, b) for a, b in zip(_fp32_masters(uninterrupted), _fp32_masters(resumed), strict=True)
+    )
+
+
+def _all_cases(rank: int, world_size: int, directory: str) -> dict:
     import deepspeed
 
     assert world_size == WORLD
     deepspeed.init_distributed(dist_backend="gloo")
-    return {case: _bf16_case(rank, *case[:4]) for case in CASES}
+    results = {case: _bf16_case(rank, *case[:4]) for case in CASES}
+    results["resume"] = _resume_case(rank, directory)
+    return results
 
 
 @pytest.fixture(scope="module")
-def bf16_results():
-    return run_ranks(_all_cases, WORLD)
+def bf16_results(tmp_path_factory):
+    return run_ranks(_all_cases, WORLD, str(tmp_path_factory.mktemp("bf16")))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"stage{c[0]}-accumulation{c[1]}-{c[4]}-{c[3]}")
@@ -191,6 +222,10 @@ def test_bf16_engine_matches_bf16_single_process_reference(bf16_results, case):
     assert all(r["no_heads_error"][name] > 4 * HEADS_TOLERANCE for r in results for name in TOY_HEADS)
     # Each Muon matrix (heads of q and o, experts, router) orthogonalized by exactly one owner.
     assert sum(r["owned"] for r in results) == 4 + 2 + 4 * 2 + 4 + 1
+
+
+def test_bf16_optimizer_checkpoint_resume_is_bit_identical(bf16_results):
+    assert all(r["resume"] for r in bf16_results)
 
 
 def test_zero0_wrapper_warmup_step_changes_nothing():
