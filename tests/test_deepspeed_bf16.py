@@ -241,3 +241,44 @@ def test_zero0_wrapper_warmup_step_changes_nothing():
     assert torch.equal(weight.detach(), torch.ones(4, 4))
     optimizer.step()  # the next zero-gradient step is a real one: decay applies
     assert torch.allclose(weight.detach(), torch.full((4, 4), 1 - 0.1 * 0.5))
+
+
+# -- ZeRO-0 bf16 with AutoEP experts ----------------------------------------------------------
+# DeepSpeed's FP16_UnfusedOptimizer hands the optimizer plain fp32 clones of the parameters,
+# without AutoEP's expert tags. Read from the clones, every expert would join the dense replica
+# unit over DP: one owner's update of *its* experts would overwrite the other ranks' different
+# experts. expertopt reads the tags from the model's tensors: experts go to their EDP groups.
+# Clipping stays off: DeepSpeed's own ZeRO-0 norm leaves experts out, and expertopt refuses
+# bf16 + experts + clipping at ZeRO-0 with the fix (docs/guide.md, error table).
+def _zero0_bf16_autoep(rank: int, world_size: int) -> dict:
+    import deepspeed
+    import test_autoep as autoep
+    from moe_models import VOCAB, tiny_moe
+    from test_deepspeed_zero3 import _muon_matrices
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny_moe("qwen3_moe", seed=1)
+    reference = autoep._reference(model)
+    config = autoep._config("qwen3_moe", world_size, 0)
+    config.update(bf16={"enabled": True}, gradient_clipping=0.0)
+    engine, *_ = expertopt.initialize(model=model, config=config)
+    tokens = torch.randint(
+        0, VOCAB, (autoep.SEQUENCES, autoep.LENGTH), generator=torch.Generator().manual_seed(rank)
+    )
+    engine.backward(engine(input_ids=tokens, labels=tokens).loss)
+    engine.step()
+    ref_opt = expertopt.Muon(expertopt.build_param_groups(reference, lr=autoep.LR, adamw_lr=autoep.ADAMW_LR))
+    return {
+        "wrapper": type(engine.optimizer).__name__,
+        "owned": engine.basic_optimizer.owned_matrices(),
+        "matrices": _muon_matrices(ref_opt),  # dense matrices plus every global expert matrix
+        "unit_sizes": sorted({u.layout.world_size for u in engine.basic_optimizer.shard_units}),
+    }
+
+
+def test_zero0_bf16_keeps_autoep_experts_in_their_expert_groups():
+    results = run_ranks(_zero0_bf16_autoep, WORLD)
+    assert all(r["wrapper"] == "FP16_UnfusedOptimizer" for r in results)
+    assert all(r["unit_sizes"] == [1, WORLD] for r in results)  # experts over EDP 1, dense over DP 2
+    # Each rank owns its own experts; dense matrices once over DP: every matrix exactly once.
+    assert sum(r["owned"] for r in results) == results[0]["matrices"]
