@@ -243,28 +243,28 @@ def test_zero0_wrapper_warmup_step_changes_nothing():
     assert torch.allclose(weight.detach(), torch.full((4, 4), 1 - 0.1 * 0.5))
 
 
-# -- ZeRO-0 bf16 with AutoEP experts ----------------------------------------------------------
+# -- bf16 with AutoEP experts (ZeRO-0 and BF16_Optimizer) ----------------------------------
 # DeepSpeed's FP16_UnfusedOptimizer hands the optimizer plain fp32 clones of the parameters,
 # without AutoEP's expert tags. Read from the clones, every expert would join the dense replica
 # unit over DP: one owner's update of *its* experts would overwrite the other ranks' different
 # experts. expertopt reads the tags from the model's tensors: experts go to their EDP groups.
-# Clipping stays off: DeepSpeed's own ZeRO-0 norm leaves experts out, and expertopt refuses
-# bf16 + experts + clipping at ZeRO-0 with the fix (docs/guide.md, error table).
-def _zero0_bf16_autoep(rank: int, world_size: int) -> dict:
-    import deepspeed
+# Clipping stays off at ZeRO-0: DeepSpeed's own ZeRO-0 norm leaves experts out, and expertopt
+# refuses bf16 + experts + clipping there with the fix (docs/guide.md, error table).
+# BF16_Optimizer (ZeRO-1) partitions the expert groups over EDP, as ZeRO-1/2 do.
+def _autoep_bf16_engine(rank: int, world_size: int, stage: int) -> dict:
     import test_autoep as autoep
     from moe_models import VOCAB, tiny_moe
     from test_deepspeed_zero3 import _muon_matrices
 
-    deepspeed.init_distributed(dist_backend="gloo")
     model = tiny_moe("qwen3_moe", seed=1)
     reference = autoep._reference(model)
-    config = autoep._config("qwen3_moe", world_size, 0)
-    config.update(bf16={"enabled": True}, gradient_clipping=0.0)
+    config = autoep._config("qwen3_moe", world_size, stage)
+    config.update(bf16={"enabled": True}, gradient_clipping=0.0 if stage == 0 else CLIP)
+    if stage == 1:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}  # BF16_Optimizer
     engine, *_ = expertopt.initialize(model=model, config=config)
-    tokens = torch.randint(
-        0, VOCAB, (autoep.SEQUENCES, autoep.LENGTH), generator=torch.Generator().manual_seed(rank)
-    )
+    generator = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, VOCAB, (autoep.SEQUENCES, autoep.LENGTH), generator=generator)
     engine.backward(engine(input_ids=tokens, labels=tokens).loss)
     engine.step()
     ref_opt = expertopt.Muon(expertopt.build_param_groups(reference, lr=autoep.LR, adamw_lr=autoep.ADAMW_LR))
@@ -276,9 +276,22 @@ def _zero0_bf16_autoep(rank: int, world_size: int) -> dict:
     }
 
 
-def test_zero0_bf16_keeps_autoep_experts_in_their_expert_groups():
-    results = run_ranks(_zero0_bf16_autoep, WORLD)
-    assert all(r["wrapper"] == "FP16_UnfusedOptimizer" for r in results)
+def _bf16_autoep(rank: int, world_size: int) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    return {stage: _autoep_bf16_engine(rank, world_size, stage) for stage in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def bf16_autoep_results():
+    return run_ranks(_bf16_autoep, WORLD)
+
+
+@pytest.mark.parametrize(("stage", "wrapper"), [(0, "FP16_UnfusedOptimizer"), (1, "BF16_Optimizer")])
+def test_bf16_keeps_autoep_experts_in_their_expert_groups(bf16_autoep_results, stage, wrapper):
+    results = [r[stage] for r in bf16_autoep_results]
+    assert all(r["wrapper"] == wrapper for r in results)
     assert all(r["unit_sizes"] == [1, WORLD] for r in results)  # experts over EDP 1, dense over DP 2
     # Each rank owns its own experts; dense matrices once over DP: every matrix exactly once.
     assert sum(r["owned"] for r in results) == results[0]["matrices"]
