@@ -50,3 +50,25 @@ def toy_loss(model: nn.Module, seed: int) -> torch.Tensor:
 def toy_moe() -> ToyMoE:
     torch.manual_seed(0)
     return ToyMoE()
+
+
+# Attention-style heads for ToyMoE's two [16, 16] projections: q as 4 heads of [4, 16], o as 2 of
+# [8, 16]. Across 2-4 ZeRO ranks some heads are cut at partition boundaries (they travel to their
+# owners in pieces like any matrix), others land whole on one rank.
+TOY_HEADS = {"q_proj.weight": 4, "o_proj.weight": 2}
+
+
+def toy_head_groups(model: nn.Module) -> list[dict]:
+    """``model_parameters`` for ``deepspeed.initialize`` as a user passes ``num_heads``: one group
+    per headed weight, the rest in one group."""
+    named = dict(model.named_parameters())
+    heads = [{"params": [named[name]], "num_heads": count} for name, count in TOY_HEADS.items()]
+    rest = [p for name, p in named.items() if name not in TOY_HEADS]
+    return [*heads, {"params": rest}]
+
+
+def toy_head_rules() -> list:
+    """The same heads as router rules, for single-process references built with build_param_groups."""
+    from expertopt.param_groups import Rule
+
+    return [Rule(f"^{name}$".replace(".", r"\."), {"num_heads": count}) for name, count in TOY_HEADS.items()]

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ToyMoE
+from conftest import ToyMoE, toy_head_groups, toy_head_rules
 from distributed import run_ranks
 
 import expertopt
@@ -25,8 +25,8 @@ WORLD = 4
 MICRO_BATCH = 1
 STEPS = 3
 LR, ADAMW_LR = 0.02, 3e-3
-# q, o; 2 stacks x 4 experts; 4 listed experts; router (lm_head and embeddings go to AdamW).
-MUON_MATRICES = 2 + 4 * 2 + 4 + 1
+# q and o heads; 2 stacks x 4 experts; 4 listed experts; router (lm_head, embeddings: AdamW).
+MUON_MATRICES = 4 + 2 + 4 * 2 + 4 + 1
 
 
 def _global_batch(step: int, micro: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _ds_config(kind: str, accumulation: int, clipping: float) -> dict:
 def _reference_optimizer(kind: str, model):
     name, _, method = kind.partition(":")
     if name == "Muon":
-        groups = expertopt.build_param_groups(model, lr=LR, adamw_lr=ADAMW_LR)
+        groups = expertopt.build_param_groups(model, lr=LR, adamw_lr=ADAMW_LR, rules=toy_head_rules())
         return expertopt.Muon(groups, ns_dtype="float32", ns_method=method or "standard")
     groups = expertopt.build_param_groups(model, lr=ADAMW_LR, adamw_lr=ADAMW_LR)
     for group in groups:
@@ -103,7 +103,10 @@ def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> di
     model = ToyMoE()
     reference = copy.deepcopy(model)
     initial = [p.detach().clone() for p in model.parameters()]
-    engine, *_ = expertopt.initialize(model=model, config=_ds_config(kind, accumulation, clipping))
+    groups = toy_head_groups(model) if kind.startswith("Muon") else model.parameters()
+    engine, *_ = expertopt.initialize(
+        model=model, model_parameters=groups, config=_ds_config(kind, accumulation, clipping)
+    )
     ref_opt = _reference_optimizer(kind, reference)
     counter = {"matrices": 0}
     kernel = _count_newton_schulz(counter)
@@ -140,7 +143,10 @@ def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> di
 def _resume_case(rank: int, directory: str) -> bool:
     def engine_():
         torch.manual_seed(0)
-        engine, *_ = expertopt.initialize(model=ToyMoE(), config=_ds_config("Muon", 1, 0.05))
+        model = ToyMoE()
+        engine, *_ = expertopt.initialize(
+            model=model, model_parameters=toy_head_groups(model), config=_ds_config("Muon", 1, 0.05)
+        )
         return engine
 
     uninterrupted = engine_()
@@ -213,22 +219,43 @@ def test_zero3_offload_is_refused_with_the_fix():
 # partitioning as it is (one unit per expert sub-group, over EDP). With 4 experts, EP 2 gives 2
 # local experts per rank and EDP 2: each EDP rank's chunk is exactly one whole expert of w1, w2
 # and w3, so every expert is orthogonalized where it lives, with no exchange at all. EP 4 gives
-# EDP 1. Reference and tolerances: tests/test_autoep.py (AutoEP's split w1/w2/w3 layout, one
-# process, the whole global batch, clip_grad_norm_ active).
-AUTOEP_CASES = [("qwen3_moe", 2), ("qwen3_moe", 4), ("deepseek_v3", 2)]
+# EDP 1. EP 1 keeps all 4 experts on every rank, partitioned over EDP 4 (one whole expert per
+# rank), trained with gradient accumulation 2. Reference and tolerances: tests/test_autoep.py
+# (AutoEP's split w1/w2/w3 layout, one process, the whole global batch, clip_grad_norm_ active).
+AUTOEP_CASES = [("qwen3_moe", 2, 1), ("qwen3_moe", 4, 1), ("deepseek_v3", 2, 1), ("qwen3_moe", 1, 2)]
 
 
-def _autoep_case(rank: int, preset: str, ep_size: int) -> dict:
+def _autoep_batch(step: int, micro: int) -> torch.Tensor:
+    import test_autoep as autoep
+    from moe_models import VOCAB
+
+    generator = torch.Generator().manual_seed(100 * step + micro)
+    return torch.randint(0, VOCAB, (WORLD * autoep.SEQUENCES, autoep.LENGTH), generator=generator)
+
+
+def _expert_units(engine) -> list[bool]:
+    """For each placed unit, in order, whether it is an expert sub-group (AutoEP's experts carry
+    ``allreduce=False``); at EP 1 the EDP group spans the world, so its size cannot tell."""
+    zero, groups = engine.optimizer, engine.basic_optimizer.param_groups
+    return [
+        getattr(params[0], "allreduce", True) is False
+        for index, params in enumerate(zero.fp16_groups)
+        if groups[zero.sub_group_to_group_id[index]]["use_muon"]
+    ]
+
+
+def _autoep_case(rank: int, preset: str, ep_size: int, accumulation: int) -> dict:
     import deepspeed
     import test_autoep as autoep
     from deepspeed.utils import groups
-    from moe_models import EXPERTS, VOCAB, tiny_moe
+    from moe_models import EXPERTS, tiny_moe
 
     model = tiny_moe(preset, seed=1)
     reference = autoep._reference(model)
     config = autoep._config(preset, ep_size, 3)
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     config["optimizer"]["params"]["expert_placement"] = "sharded"  # "replicated": its own test file
+    config["gradient_accumulation_steps"] = accumulation
     engine, *_ = expertopt.initialize(model=model, config=config)
     ep_rank = groups._get_expert_parallel_rank(f"ep_size_{ep_size}")
     local = slice(ep_rank * EXPERTS // ep_size, (ep_rank + 1) * EXPERTS // ep_size)
@@ -238,14 +265,13 @@ def _autoep_case(rank: int, preset: str, ep_size: int) -> dict:
     )
     norms = []
     for step in range(autoep.STEPS):
-        tokens = torch.randint(
-            0, VOCAB, (WORLD * autoep.SEQUENCES, autoep.LENGTH), generator=torch.Generator().manual_seed(step)
-        )
-        mine = tokens[rank * autoep.SEQUENCES : (rank + 1) * autoep.SEQUENCES]
-        engine.backward(engine(input_ids=mine, labels=mine).loss)
-        engine.step()
         ref_opt.zero_grad()
-        reference(input_ids=tokens, labels=tokens).loss.backward()
+        for micro in range(accumulation):
+            tokens = _autoep_batch(step, micro)
+            mine = tokens[rank * autoep.SEQUENCES : (rank + 1) * autoep.SEQUENCES]
+            engine.backward(engine(input_ids=mine, labels=mine).loss)
+            engine.step()
+            (reference(input_ids=tokens, labels=tokens).loss / accumulation).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), autoep.CLIP)))
         ref_opt.step()
     error = 0.0
@@ -254,15 +280,17 @@ def _autoep_case(rank: int, preset: str, ep_size: int) -> dict:
             want = ref_params[autoep._reference_name(name)].detach()
             want = want[local] if getattr(param, "allreduce", True) is False else want
             error = max(error, (param.detach() - want).abs().max().item())
-    units = engine.basic_optimizer.shard_units
+    units, experts = engine.basic_optimizer.shard_units, _expert_units(engine)
+    if len(units) != len(experts):
+        raise RuntimeError(f"{len(units)} units placed for {len(experts)} Muon sub-groups")
     return {
         "matrices": _muon_matrices(ref_opt),
         "error": error,
         "ref_norms": norms,
         "owned": engine.basic_optimizer.owned_matrices(),
-        # Units over a group smaller than the world are the expert sub-groups (EDP).
-        "experts_local_only": all(u.plan.local_only for u in units if u.layout.world_size < WORLD),
-        "expert_units": sum(u.layout.world_size < WORLD for u in units),
+        "experts_local_only": all(u.plan.local_only for u, e in zip(units, experts, strict=True) if e),
+        "expert_units": sum(experts),
+        "edp_size": {u.layout.world_size for u, e in zip(units, experts, strict=True) if e},
     }
 
 
@@ -292,12 +320,13 @@ def autoep_zero3_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", AUTOEP_CASES, ids=lambda c: f"{c[0]}-ep{c[1]}")
+@pytest.mark.parametrize("case", AUTOEP_CASES, ids=lambda c: f"{c[0]}-ep{c[1]}-accumulation{c[2]}")
 def test_autoep_experts_at_zero3_match_reference_without_exchange(autoep_zero3_results, case):
     results = [r[case] for r in autoep_zero3_results]
     assert all(r["error"] < 2e-5 for r in results), [r["error"] for r in results]
     assert min(min(r["ref_norms"]) for r in results) > 2 * 0.05, "clipping was not active"
     assert all(r["expert_units"] > 0 for r in results)
+    assert all(r["edp_size"] == {WORLD // case[1]} for r in results)  # experts partitioned over EDP
     # Every matrix (dense over DP, each global expert over its EDP group) has exactly one owner.
     assert sum(r["owned"] for r in results) == results[0]["matrices"]
     # Whole experts in every EDP rank's partition: orthogonalized where they live, no exchange.

@@ -11,6 +11,7 @@ import torch
 
 import expertopt
 from expertopt.kernels import orthogonalize
+from expertopt.kernels.reference import newton_schulz_loop, polar_factor_svd
 from expertopt.updates import muon as muon_updates
 
 
@@ -164,6 +165,33 @@ def test_per_head_orthogonalization():
     opt.step()
     heads = torch.cat([orthogonalize(h, dtype=torch.float32) for h in grad.split(4)])
     torch.testing.assert_close(weight.detach(), start - 0.1 * heads, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["standard", "gram", "polar_express"])
+def test_per_head_step_equals_float64_reference_for_every_method(method):
+    # One SGD-like step (momentum 0, no decay) on a weight of 3 tall heads [16, 8] beside an
+    # expert stack [2, 16, 8]: every head and expert moves by lr * sqrt(16 / 8) (its own shape,
+    # not the weight's sqrt(48 / 8)) times its own polar direction. References outside the
+    # kernel: the textbook quintic in float64, one head at a time, for standard and gram (equal
+    # in exact arithmetic); for Polar Express with all 8 tabled steps, the exact float64 SVD
+    # polar factor of each head. fp32 vs float64 over the iteration: measured ~1e-6.
+    weight, experts = _params((48, 8), (2, 16, 8))
+    grads = _grads([weight, experts], 1)
+    weight.grad, experts.grad = (g.clone() for g in grads)
+    starts = [weight.detach().clone(), experts.detach().clone()]
+    steps = 8 if method == "polar_express" else 5
+    groups = [{"params": [weight], "num_heads": 3}, {"params": [experts], "expert": True}]
+    expertopt.Muon(
+        groups, lr=0.1, momentum=0, weight_decay=0, ns_method=method, ns_steps=steps, ns_dtype="float32"
+    ).step()
+    for param, start, grad in zip((weight, experts), starts, grads, strict=True):
+        matrices = grad.reshape(-1, 16, 8).double()  # the 3 heads, or the 2 experts
+        if method == "polar_express":
+            directions = polar_factor_svd(matrices)
+        else:
+            directions = newton_schulz_loop(matrices, dtype=torch.float64)
+        expected = start.double() - 0.1 * math.sqrt(16 / 8) * directions.reshape(param.shape)
+        torch.testing.assert_close(param.detach().double(), expected, atol=1e-5, rtol=0)
 
 
 def test_gradient_scale_of_one_sgd_like_step():

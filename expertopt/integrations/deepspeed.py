@@ -31,6 +31,7 @@ import deepspeed
 import deepspeed.comm as ds_dist
 import torch
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 from deepspeed.runtime.utils import is_invalid_grad_norm
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -38,7 +39,11 @@ from torch import nn
 
 from expertopt.integrations._autoep_compat import transformers_registry_shim
 from expertopt.integrations._model_parameters import normalize, route_model_parameters
-from expertopt.integrations.deepspeed_shards import zero0_placements, zero12_placements
+from expertopt.integrations.deepspeed_shards import (
+    bf16_optimizer_placements,
+    zero0_placements,
+    zero12_placements,
+)
 from expertopt.integrations.deepspeed_zero3 import EXPERT_PLACEMENTS, attach_zero3, check_zero3_config
 from expertopt.optim._base import SharedFiniteCheck
 from expertopt.optim.adamw import AdamW
@@ -241,7 +246,9 @@ def _engine_arguments(
         zero.setdefault("use_multi_rank_bucket_allreduce", False)
         loaded["zero_optimization"] = zero
     arguments = {
-        "optimizer": _optimizer_factory(model, spec, stage, given.get("model_parameters") is None),
+        "optimizer": _optimizer_factory(
+            model, spec, stage, given.get("model_parameters") is None, _wrapped_at_zero0(loaded, stage)
+        ),
         # DeepSpeed maps these onto AutoEP's replacements and hands them to the optimizer callable.
         "model_parameters": normalize(given.get("model_parameters")),
         "config": loaded,
@@ -286,8 +293,35 @@ def unpatch_deepspeed() -> None:
     deepspeed.initialize = _unpatched_initialize()
 
 
+def _wrapped_at_zero0(config: dict[str, Any], stage: int) -> bool:
+    """Whether DeepSpeed 0.19.8 wraps the client optimizer in ``FP16_UnfusedOptimizer``: ZeRO-0
+    with bf16 or fp16 (``engine._do_optimizer_sanity_check``)."""
+    half = any((config.get(key) or {}).get("enabled", False) for key in ("bf16", "bfloat16", "fp16"))
+    return stage == 0 and half
+
+
+def _skip_state_warmup(optimizer: Muon | AdamW) -> None:
+    """Make the one ``step()`` DeepSpeed's ``FP16_UnfusedOptimizer`` calls at construction a no-op.
+
+    It sets every fp32 master's gradient to zero and steps once to create optimizer state
+    (``initialize_optimizer_states``). expertopt creates state eagerly, and that step would apply
+    weight decay to the masters and count an AdamW step that no training step asked for (the
+    single-process reference takes neither). Only that first call, and only when every gradient
+    is zero, is skipped; :func:`attach` re-keys state by the fp32 masters afterwards.
+    """
+
+    def warmup_step(closure: Any = None) -> Any:
+        del optimizer.step  # the class's step from now on
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+        if any(grad is None or grad.any() for grad in grads):
+            return optimizer.step(closure)
+        return None
+
+    optimizer.step = warmup_step
+
+
 def _optimizer_factory(
-    model: nn.Module, spec: OptimizerSpec, stage: int, whole_model: bool
+    model: nn.Module, spec: OptimizerSpec, stage: int, whole_model: bool, wrapped_at_zero0: bool = False
 ) -> Callable[[Any], Muon | AdamW]:
     """A callable DeepSpeed calls after AutoEP has replaced modules, so groups see the final model.
 
@@ -298,7 +332,10 @@ def _optimizer_factory(
 
     def build(model_parameters: Any) -> Muon | AdamW:
         groups = _build_groups(model, spec, stage, None if whole_model else model_parameters)
-        return cls(groups, **spec.optimizer_options)
+        optimizer = cls(groups, **spec.optimizer_options)
+        if wrapped_at_zero0:
+            _skip_state_warmup(optimizer)
+        return optimizer
 
     return build
 
@@ -316,6 +353,23 @@ def _shared_finite_check(engine: Any, zero: DeepSpeedZeroOptimizer) -> SharedFin
     if not zero.compute_grad_norm:
         raise ValueError(_NEEDS_GRAD_NORM)
     return lambda _grads: (not is_invalid_grad_norm(zero._global_grad_norm), engine.global_steps)
+
+
+def _attach_bf16_optimizer(engine: Any, optimizer: Muon | AdamW, bf16: BF16_Optimizer) -> None:
+    """bf16 with ZeRO-1 and fp32 gradient accumulation (DeepSpeed's ``BF16_Optimizer``).
+
+    It all-reduces the fp32 gradients, clips them with the global norm of the raw gradients
+    (F5 does not arise), skips a non-finite step before the client sees it, and steps the client
+    once with each group's flat fp32 partition: Muon places those partitions like ZeRO-1/2's.
+    """
+    optimizer.shared_finite_check = lambda _grads: (
+        not is_invalid_grad_norm(bf16._global_grad_norm),
+        engine.global_steps,
+    )
+    if isinstance(optimizer, Muon):
+        optimizer.place_shards(bf16_optimizer_placements(optimizer, bf16))
+    else:
+        optimizer.rebind_state()
 
 
 def _attach_zero0_clipping(engine: Any, optimizer: Muon | AdamW) -> None:
@@ -467,12 +521,12 @@ def attach(engine: Any, zero0_newton_schulz: str = "owners", expert_placement: s
     if engine.zero_optimization_stage() == 3:
         attach_zero3(engine, optimizer, zero, expert_placement)
         return
+    if isinstance(zero, BF16_Optimizer):
+        _attach_bf16_optimizer(engine, optimizer, zero)
+        return
     if not isinstance(zero, DeepSpeedZeroOptimizer):
-        if type(zero).__name__ == "BF16_Optimizer":
-            raise NotImplementedError(
-                "DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1 and fp32 gradient accumulation) is not "
-                'supported yet; use "zero_optimization": {"stage": 2} with bf16'
-            )
+        if zero is not optimizer:  # FP16_UnfusedOptimizer (bf16 / fp16): its fp32 masters are the params now
+            optimizer.rebind_state()
         if isinstance(optimizer, Muon) and zero0_newton_schulz == "owners":
             optimizer.place_shards(zero0_placements(engine, optimizer))
         _attach_zero0_clipping(engine, optimizer)
