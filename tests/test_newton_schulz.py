@@ -249,9 +249,11 @@ def test_fp16_input_whose_norm_overflows_fp16_gives_finite_output(method):
     torch.testing.assert_close(Y.float(), orthogonalize(G, method=method, dtype="float32"), atol=5e-3, rtol=0)
 
 
-def test_auto_method_and_dtype_on_cpu_are_standard_bf16():
+@pytest.mark.parametrize(("fast_bf16", "dtype"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_method_and_dtype_on_cpu_are_standard_in_the_fast_dtype(monkeypatch, fast_bf16, dtype):
+    monkeypatch.setattr(newton_schulz, "_CPU_BF16_MATMUL_IS_FAST", fast_bf16)
     G = gaussian(4, 16, 128)  # aspect ratio 8: auto would pick gram on an accelerator
-    assert torch.equal(orthogonalize(G, method="auto"), orthogonalize(G, dtype=torch.bfloat16))
+    assert torch.equal(orthogonalize(G, method="auto"), orthogonalize(G, dtype=dtype))
 
 
 # ---------------------------------------------------------------- method / dtype policy
@@ -262,12 +264,30 @@ def test_auto_dtype_on_cpu_is_never_float16(method):
     assert resolve_ns_dtype("auto", CPU, method) != torch.float16
 
 
-def test_auto_dtype_policy_per_device():
-    assert resolve_ns_dtype("auto", CPU, "standard") == torch.bfloat16
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["cpu-with-onednn-bf16", "cpu-without"])
+def test_auto_dtype_policy_per_device(monkeypatch, fast_bf16):
+    monkeypatch.setattr(newton_schulz, "_CPU_BF16_MATMUL_IS_FAST", fast_bf16)
+    cpu_half = torch.bfloat16 if fast_bf16 else torch.float32
+    assert resolve_ns_dtype("auto", CPU, "standard") == cpu_half
+    assert resolve_ns_dtype("auto", CPU, "polar_express") == cpu_half
     assert resolve_ns_dtype("auto", CPU, "gram") == torch.float32
+    # Accelerators do not depend on the host CPU.
     assert resolve_ns_dtype("auto", torch.device("cuda"), "standard") == torch.bfloat16
+    assert resolve_ns_dtype("auto", torch.device("cuda"), "polar_express") == torch.bfloat16
     assert resolve_ns_dtype("auto", torch.device("cuda"), "gram") == torch.float16
     assert resolve_ns_dtype("auto", torch.device("meta"), "standard") == torch.float32
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_cpu_bf16_capability_is_torchs_onednn_check(monkeypatch, supported):
+    """The policy reads torch's own check (the one that routes bf16 matmuls to oneDNN)."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+    assert newton_schulz.cpu_bf16_matmul_is_fast() is (supported and torch.backends.mkldnn.is_available())
+
+
+def test_auto_dtype_on_this_cpu_follows_its_bf16_capability():
+    fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_ns_dtype("auto", CPU, "standard") == (torch.bfloat16 if fast else torch.float32)
 
 
 @pytest.mark.parametrize(
