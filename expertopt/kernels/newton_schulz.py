@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -196,8 +197,34 @@ def _coefficient_schedule(
     return table[:steps] + [table[-1]] * max(0, steps - len(table))
 
 
-def _normalize(X: torch.Tensor, compute_dtype: torch.dtype, eps: float, scale: float) -> torch.Tensor:
-    """Divide each matrix by its own Frobenius norm (times ``scale``), clamped like torch.optim.Muon.
+class _Workspace(NamedTuple):
+    """One call's Newton-Schulz buffers on a wide batch ``[C, n, m]`` (n <= m), reused by every
+    iteration and chunk (issue 12). A fresh output per product costs page faults on CPU, where the
+    allocator hands large blocks back to the OS: measured 15% of the iterations' time on the MoE
+    bench model's buckets (docs/benchmarks.md)."""
+
+    iterates: tuple[torch.Tensor, torch.Tensor]
+    """``[C, n, m]`` twice: the normalized input lands in the first, iteration k writes ``k + 1 mod 2``."""
+    gram: torch.Tensor
+    """``[C, n, n]``: A = X X^T."""
+    poly: torch.Tensor
+    """``[C, n, n]``: bA + cA^2 (plus aI in fp32, see :func:`_standard_iterations`)."""
+
+    @classmethod
+    def allocate(cls, batch: int, n: int, m: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
+        iterates = torch.empty(2, batch, n, m, dtype=dtype, device=device).unbind()
+        squares = torch.empty(2, batch, n, n, dtype=dtype, device=device).unbind()
+        return cls(iterates, *squares)  # type: ignore[arg-type]
+
+    def first(self, batch: int) -> _Workspace:
+        """The buffers of a smaller (last) chunk."""
+        first, second = (t[:batch] for t in self.iterates)
+        return _Workspace((first, second), self.gram[:batch], self.poly[:batch])
+
+
+def _normalize(X: torch.Tensor, out: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
+    """Divide each matrix by its own Frobenius norm (times ``scale``), clamped like torch.optim.Muon,
+    into ``out`` (the compute dtype).
 
     Half-precision inputs are normalized in fp32: an fp16 matrix with 1e4 entries has an fp16
     norm of inf (F10), and bf16 would round the norm before the division.
@@ -206,32 +233,44 @@ def _normalize(X: torch.Tensor, compute_dtype: torch.dtype, eps: float, scale: f
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
     if scale != 1.0:
         norm = norm * scale
-    # One memory pass: divide in norm_dtype, round to compute_dtype and write a contiguous
+    # One memory pass: divide in norm_dtype, round to the compute dtype and write a contiguous
     # buffer, which also materializes the transpose of tall matrices for free.
-    out = torch.empty(X.shape, dtype=compute_dtype, device=X.device)
     return torch.div(X, norm.clamp(min=eps), out=out)
 
 
-def _standard_iterations(X: torch.Tensor, schedule: list[tuple[float, float, float]]) -> torch.Tensor:
-    """Quintic NS on a wide batch ``X: [B, n, m]`` (n <= m): X <- aX + (bA + cA^2)X with A = XX^T.
+def _standard_iterations(
+    work: _Workspace, schedule: list[tuple[float, float, float]], last: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quintic NS on the wide batch in ``work.iterates[0]``: X <- aX + (bA + cA^2)X with A = XX^T.
 
     baddbmm fuses the scale-and-add into the GEMM, exactly as torch.optim.Muon's addmm does.
     In half precision ``aX + BX`` is kept product for product (bitwise torch's, see the module
-    docstring). In fp32 it is computed as ``(aI + B) X`` (issue 12): an out-of-place baddbmm
-    first copies its input into the result, one extra ``[n, m]`` memory pass per iteration (on the
-    MoE bench model on CPU a quarter of the step's time outside its GEMMs), while adding ``a`` to
-    the diagonal of the ``[n, n]`` factor touches n elements. The two differ by one fp32 rounding
-    of ``a + B_ii``.
+    docstring). In fp32 it is computed as ``(aI + B) X`` (issue 12): baddbmm first copies its
+    input into the result, one extra ``[n, m]`` memory pass per iteration (on the MoE bench model
+    on CPU a quarter of the step's time outside its GEMMs), while adding ``a`` to the diagonal of
+    the ``[n, n]`` factor touches n elements; the two differ by one fp32 rounding of ``a + B_ii``.
+
+    fp32 only: ``last`` (contiguous, fp32, ``[C, n, m]`` or its transpose ``[C, m, n]``) receives
+    the final product directly, so the transpose back and the write are no extra pass (a
+    transposing copy ran at a quarter of a contiguous one's rate on the bench CPU). Returns the result.
     """
-    fold = X.dtype == torch.float32
-    for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        if fold:
-            B.diagonal(dim1=-2, dim2=-1).add_(a)
-            X = torch.bmm(B, X)
-        else:
-            X = torch.baddbmm(X, B, X, beta=a)
+    fold = work.gram.dtype == torch.float32
+    diagonal = work.poly.diagonal(dim1=-2, dim2=-1) if fold else None
+    X = work.iterates[0]
+    for k, (a, b, c) in enumerate(schedule):
+        torch.bmm(X, X.mT, out=work.gram)
+        torch.baddbmm(work.gram, work.gram, work.gram, beta=b, alpha=c, out=work.poly)
+        following = work.iterates[(k + 1) % 2]
+        if not fold:
+            X = torch.baddbmm(X, work.poly, X, beta=a, out=following)
+            continue
+        diagonal.add_(a)  # type: ignore[union-attr]
+        if k < len(schedule) - 1 or last is None:
+            X = torch.bmm(work.poly, X, out=following)
+            continue
+        if last.shape[-2:] == X.shape[-2:]:
+            return torch.bmm(work.poly, X, out=last)
+        return torch.bmm(X.mT, work.poly.mT, out=last)  # (P X)^T, written in the stored layout
     return X
 
 
@@ -309,21 +348,38 @@ def orthogonalize(
     scale = _POLAR_EXPRESS_SAFETY if method == "polar_express" else 1.0
     schedule = _coefficient_schedule(method, steps, coefficients)
     # Gram saves nothing on a square matrix, so it runs the standard iteration there.
-    iterate = _gram_iterations if method == "gram" and m != n else _standard_iterations
+    gram = method == "gram" and m != n
+    # fp32 standard iterations write the last product straight into ``out`` (see
+    # _standard_iterations); otherwise one pass casts (and scales) the result into it.
+    direct = not gram and compute_dtype == out.dtype == torch.float32
     # One flat batch dim so every product is a single bmm/baddbmm call (no reshape op when the
     # input already has one: each op is a kernel launch on a GPU, issue 12).
     X = G if G.ndim == 3 else G.reshape(-1, m, n)
     flat_out = out if out.ndim == 3 else out.view(-1, m, n)
+    batch = X.shape[0]
     chunk = _chunk_size(X, compute_dtype)
-    for start in range(0, X.shape[0], chunk):
-        whole = chunk >= X.shape[0]
-        Y = X if whole else X[start : start + chunk]
+    work = _Workspace.allocate(min(chunk, batch), min(m, n), max(m, n), compute_dtype, G.device)
+    for start in range(0, batch, chunk):
+        whole = chunk >= batch
+        rows = batch if whole else min(chunk, batch - start)
+        Y = X if whole else X[start : start + rows]
+        target = flat_out if whole else flat_out[start : start + rows]
+        chunk_work = work if rows == work.gram.shape[0] else work.first(rows)
         # Tall matrices are transposed (a view; _normalize materializes it) so that A = XX^T is
         # min(m, n) square, and transposed back on the way out.
+        _normalize(Y.mT if m > n else Y, chunk_work.iterates[0], eps, scale)
+        if direct:
+            _standard_iterations(chunk_work, schedule, last=target)
+            if out_scale is not None:
+                # Not folded into the last [n, n] factor: the ZeRO-0 step scales the same
+                # orthogonalized bits after its exchange, and both must land on the same bits.
+                target.mul_(out_scale)
+            continue
+        if gram:
+            Y = _gram_iterations(chunk_work.iterates[0], schedule)
+        else:
+            Y = _standard_iterations(chunk_work, schedule)
         Y = Y.mT if m > n else Y
-        Y = iterate(_normalize(Y, compute_dtype, eps, scale), schedule)
-        Y = Y.mT if m > n else Y
-        target = flat_out if whole else flat_out[start : start + chunk]
         if out_scale is None:
             target.copy_(Y)  # also the cast back to out.dtype
         else:
