@@ -93,6 +93,10 @@ _ACCELERATOR_TYPES = ("cuda", "xpu")
 _CPU_CHUNK_BYTES = 1 << 20
 # Smaller matrices are never chunked (see _chunk_size): 64 KiB is a 128 x 256 bf16 matrix.
 _CPU_CHUNK_MIN_MATRIX_BYTES = 64 << 10
+# _square_completion's bound: with b^2 / 4|c| at most this many times |a| + |b| + |c|, the
+# completed square's terms (and its rounding) stay within ~10x the plain form's. Keller Jordan's
+# coefficients give 0.27, Polar Express's at most 0.53.
+_SQUARE_FORM_MAX_GROWTH = 4.0
 
 
 def cpu_bf16_matmul_is_fast() -> bool:
@@ -209,17 +213,26 @@ class _Workspace(NamedTuple):
     """``[C, n, n]``: A = X X^T."""
     poly: torch.Tensor
     """``[C, n, n]``: bA + cA^2 (plus aI in fp32, see :func:`_standard_iterations`)."""
+    gram_diagonal: torch.Tensor
+    poly_diagonal: torch.Tensor
+    """Diagonal views, made once per call: views are ops too (issue 12)."""
 
     @classmethod
     def allocate(cls, batch: int, n: int, m: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
         iterates = torch.empty(2, batch, n, m, dtype=dtype, device=device).unbind()
-        squares = torch.empty(2, batch, n, n, dtype=dtype, device=device).unbind()
-        return cls(iterates, *squares)  # type: ignore[arg-type]
+        return cls.around(iterates, torch.empty(2, batch, n, n, dtype=dtype, device=device).unbind())
+
+    @classmethod
+    def around(cls, iterates: tuple[torch.Tensor, ...], squares: tuple[torch.Tensor, ...]) -> _Workspace:
+        gram, poly = squares
+        diagonals = (t.diagonal(dim1=-2, dim2=-1) for t in squares)
+        return cls((iterates[0], iterates[1]), gram, poly, *diagonals)
 
     def first(self, batch: int) -> _Workspace:
         """The buffers of a smaller (last) chunk."""
-        first, second = (t[:batch] for t in self.iterates)
-        return _Workspace((first, second), self.gram[:batch], self.poly[:batch])
+        return _Workspace.around(
+            tuple(t[:batch] for t in self.iterates), (self.gram[:batch], self.poly[:batch])
+        )
 
 
 def _normalize(X: torch.Tensor, out: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
@@ -238,33 +251,59 @@ def _normalize(X: torch.Tensor, out: torch.Tensor, eps: float, scale: float) -> 
     return torch.div(X, norm.clamp(min=eps), out=out)
 
 
+def _square_completion(a: float, b: float, c: float) -> tuple[float, float] | None:
+    """``(beta, gamma)`` with ``a + bx + cx^2 = c (x + beta)^2 + gamma``, or None where the form
+    would cancel badly (c = 0 or tiny: ``b^2 / 4c`` far above the coefficients themselves)."""
+    if c == 0 or b * b / (4 * abs(c)) > _SQUARE_FORM_MAX_GROWTH * (abs(a) + abs(b) + abs(c)):
+        return None
+    return b / (2 * c), a - b * b / (4 * c)
+
+
+def _fp32_polynomial(work: _Workspace, a: float, b: float, c: float) -> None:
+    """``work.poly = aI + bA + cA^2`` from ``work.gram = A`` with plain GEMMs: no copy of A.
+
+    An out-of-place baddbmm with a nonzero ``beta`` first copies its input into the result (an
+    ``[n, n]`` pass per iteration, 9 ms of a 155 ms MoE bench step on CPU); completing the square,
+    ``c (A + beta I)^2 + gamma I``, needs only diagonal adds (n elements) and a GEMM whose input is
+    ignored (``beta=0``). Where the completed square would cancel, ``aI + (bA + cA^2)`` instead.
+    """
+    square = _square_completion(a, b, c)
+    if square is None:
+        torch.baddbmm(work.gram, work.gram, work.gram, beta=b, alpha=c, out=work.poly)
+        work.poly_diagonal.add_(a)
+        return
+    beta, gamma = square
+    work.gram_diagonal.add_(beta)
+    torch.baddbmm(work.gram, work.gram, work.gram, beta=0, alpha=c, out=work.poly)
+    work.poly_diagonal.add_(gamma)
+
+
 def _standard_iterations(
     work: _Workspace, schedule: list[tuple[float, float, float]], last: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Quintic NS on the wide batch in ``work.iterates[0]``: X <- aX + (bA + cA^2)X with A = XX^T.
 
-    baddbmm fuses the scale-and-add into the GEMM, exactly as torch.optim.Muon's addmm does.
-    In half precision ``aX + BX`` is kept product for product (bitwise torch's, see the module
-    docstring). In fp32 it is computed as ``(aI + B) X`` (issue 12): baddbmm first copies its
-    input into the result, one extra ``[n, m]`` memory pass per iteration (on the MoE bench model
-    on CPU a quarter of the step's time outside its GEMMs), while adding ``a`` to the diagonal of
-    the ``[n, n]`` factor touches n elements; the two differ by one fp32 rounding of ``a + B_ii``.
+    In half precision ``aX + (bA + cA^2) X`` is torch.optim.Muon's, product for product (two
+    baddbmm, as its addmm; bitwise torch's, see the module docstring). In fp32 (issue 12) the
+    polynomial ``P = aI + bA + cA^2`` is formed in the ``[n, n]`` buffer (:func:`_fp32_polynomial`)
+    and ``X <- P X`` is a plain GEMM: a baddbmm with ``beta != 0`` first copies its ``[n, m]``
+    input into the result, one memory pass per iteration (on the MoE bench model on CPU a
+    quarter of the step's time outside its GEMMs). Same polynomial, other fp32 rounding.
 
     fp32 only: ``last`` (contiguous, fp32, ``[C, n, m]`` or its transpose ``[C, m, n]``) receives
     the final product directly, so the transpose back and the write are no extra pass (a
     transposing copy ran at a quarter of a contiguous one's rate on the bench CPU). Returns the result.
     """
     fold = work.gram.dtype == torch.float32
-    diagonal = work.poly.diagonal(dim1=-2, dim2=-1) if fold else None
     X = work.iterates[0]
     for k, (a, b, c) in enumerate(schedule):
         torch.bmm(X, X.mT, out=work.gram)
-        torch.baddbmm(work.gram, work.gram, work.gram, beta=b, alpha=c, out=work.poly)
         following = work.iterates[(k + 1) % 2]
         if not fold:
+            torch.baddbmm(work.gram, work.gram, work.gram, beta=b, alpha=c, out=work.poly)
             X = torch.baddbmm(X, work.poly, X, beta=a, out=following)
             continue
-        diagonal.add_(a)  # type: ignore[union-attr]
+        _fp32_polynomial(work, a, b, c)
         if k < len(schedule) - 1 or last is None:
             X = torch.bmm(work.poly, X, out=following)
             continue
