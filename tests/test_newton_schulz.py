@@ -93,7 +93,7 @@ def test_cpu_chunking_does_not_change_the_result(monkeypatch, method, shape):
     whole = orthogonalize(G, method=method, dtype="float32")
     monkeypatch.setattr(newton_schulz, "_CPU_CHUNK_BYTES", 3 * 24 * 40 * 4 - 1)
     monkeypatch.setattr(newton_schulz, "_CPU_CHUNK_MIN_MATRIX_BYTES", 0)
-    assert newton_schulz._chunk_size(G.reshape(-1, 24, 40), torch.float32) == 2
+    assert newton_schulz._chunk_size(G.reshape(-1, 24, 40).shape, torch.float32, CPU) == 2
     assert torch.equal(orthogonalize(G, method=method, dtype="float32"), whole)
 
 

@@ -39,11 +39,13 @@ __all__ = [
     "NS_DTYPES",
     "NS_METHODS",
     "POLAR_EXPRESS_COEFFICIENTS",
+    "Workspace",
     "cpu_bf16_matmul_is_fast",
     "ns_flops",
     "orthogonalize",
     "resolve_ns_dtype",
     "resolve_ns_method",
+    "workspace_shape",
 ]
 
 # Keller Jordan's quintic coefficients, the same as torch.optim.Muon's default ns_coefficients.
@@ -201,11 +203,12 @@ def _coefficient_schedule(
     return table[:steps] + [table[-1]] * max(0, steps - len(table))
 
 
-class _Workspace(NamedTuple):
-    """One call's Newton-Schulz buffers on a wide batch ``[C, n, m]`` (n <= m), reused by every
-    iteration and chunk (issue 12). A fresh output per product costs page faults on CPU, where the
-    allocator hands large blocks back to the OS: measured 15% of the iterations' time on the MoE
-    bench model's buckets (docs/benchmarks.md)."""
+class Workspace(NamedTuple):
+    """Newton-Schulz buffers on a wide batch ``[C, n, m]`` (n <= m), reused by every iteration and
+    chunk of a call (issue 12), and by every step when an optimizer plans them (``workspace=`` of
+    :func:`orthogonalize`, shape from :func:`workspace_shape`). A fresh output per product costs
+    page faults on CPU, where the allocator hands large blocks back to the OS: measured 15% of the
+    iterations' time on the MoE bench model's buckets (docs/benchmarks.md)."""
 
     iterates: tuple[torch.Tensor, torch.Tensor]
     """``[C, n, m]`` twice: the normalized input lands in the first, iteration k writes ``k + 1 mod 2``."""
@@ -218,19 +221,28 @@ class _Workspace(NamedTuple):
     """Diagonal views, made once per call: views are ops too (issue 12)."""
 
     @classmethod
-    def allocate(cls, batch: int, n: int, m: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
+    def allocate(cls, batch: int, n: int, m: int, dtype: torch.dtype, device: torch.device) -> Workspace:
         iterates = torch.empty(2, batch, n, m, dtype=dtype, device=device).unbind()
         return cls.around(iterates, torch.empty(2, batch, n, n, dtype=dtype, device=device).unbind())
 
     @classmethod
-    def around(cls, iterates: tuple[torch.Tensor, ...], squares: tuple[torch.Tensor, ...]) -> _Workspace:
+    def inside(cls, iterates: torch.Tensor, squares: torch.Tensor, shape: tuple[int, int, int]) -> Workspace:
+        """Views of two flat buffers (of at least ``2 C n m`` and ``2 C n n`` elements)."""
+        batch, n, m = shape
+        return cls.around(
+            iterates[: 2 * batch * n * m].view(2, batch, n, m).unbind(),
+            squares[: 2 * batch * n * n].view(2, batch, n, n).unbind(),
+        )
+
+    @classmethod
+    def around(cls, iterates: tuple[torch.Tensor, ...], squares: tuple[torch.Tensor, ...]) -> Workspace:
         gram, poly = squares
         diagonals = (t.diagonal(dim1=-2, dim2=-1) for t in squares)
         return cls((iterates[0], iterates[1]), gram, poly, *diagonals)
 
-    def first(self, batch: int) -> _Workspace:
+    def first(self, batch: int) -> Workspace:
         """The buffers of a smaller (last) chunk."""
-        return _Workspace.around(
+        return Workspace.around(
             tuple(t[:batch] for t in self.iterates), (self.gram[:batch], self.poly[:batch])
         )
 
@@ -259,7 +271,7 @@ def _square_completion(a: float, b: float, c: float) -> tuple[float, float] | No
     return b / (2 * c), a - b * b / (4 * c)
 
 
-def _fp32_polynomial(work: _Workspace, a: float, b: float, c: float) -> None:
+def _fp32_polynomial(work: Workspace, a: float, b: float, c: float) -> None:
     """``work.poly = aI + bA + cA^2`` from ``work.gram = A`` with plain GEMMs: no copy of A.
 
     An out-of-place baddbmm with a nonzero ``beta`` first copies its input into the result (an
@@ -279,7 +291,7 @@ def _fp32_polynomial(work: _Workspace, a: float, b: float, c: float) -> None:
 
 
 def _standard_iterations(
-    work: _Workspace, schedule: list[tuple[float, float, float]], last: torch.Tensor | None = None
+    work: Workspace, schedule: list[tuple[float, float, float]], last: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Quintic NS on the wide batch in ``work.iterates[0]``: X <- aX + (bA + cA^2)X with A = XX^T.
 
@@ -351,6 +363,7 @@ def orthogonalize(
     dtype: str | torch.dtype = "auto",
     out: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Approximate polar factor :math:`UV^T` of every matrix of ``G: [..., m, n]`` in one batched call.
 
@@ -363,7 +376,8 @@ def orthogonalize(
     every chunk is read before it is written) receives the result, and ``out_scale`` (a tensor
     broadcastable to ``[1, 1, 1]``, typically fp32 ``-lr * AdjustLR``) multiplies it on the way
     out, so the cast back from the compute dtype, the transpose of tall matrices and the lr scaling
-    are one memory pass, computed in ``out_scale``'s dtype.
+    are one memory pass, computed in ``out_scale``'s dtype. ``workspace`` (see :class:`Workspace`)
+    holds the iteration's buffers across calls; without it the call allocates them.
     """
     if not isinstance(G, torch.Tensor) or G.ndim < 2:
         shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
@@ -396,8 +410,17 @@ def orthogonalize(
     X = G if G.ndim == 3 else G.reshape(-1, m, n)
     flat_out = out if out.ndim == 3 else out.view(-1, m, n)
     batch = X.shape[0]
-    chunk = _chunk_size(X, compute_dtype)
-    work = _Workspace.allocate(min(chunk, batch), min(m, n), max(m, n), compute_dtype, G.device)
+    chunk = _chunk_size(X.shape, compute_dtype, X.device)
+    expected = workspace_shape(G.shape, compute_dtype, G.device)
+    if workspace is None:
+        work = Workspace.allocate(*expected, compute_dtype, G.device)
+    elif workspace.gram.dtype != compute_dtype or tuple(workspace.iterates[0].shape) != expected:
+        raise ValueError(
+            f"workspace holds {workspace.gram.dtype} {tuple(workspace.iterates[0].shape)} buffers, this call "
+            f"needs {compute_dtype} {expected}: build it with workspace_shape(G.shape, ...) for this dtype"
+        )
+    else:
+        work = workspace
     for start in range(0, batch, chunk):
         whole = chunk >= batch
         rows = batch if whole else min(chunk, batch - start)
@@ -426,7 +449,17 @@ def orthogonalize(
     return out
 
 
-def _chunk_size(X: torch.Tensor, compute_dtype: torch.dtype) -> int:
+def workspace_shape(
+    shape: Sequence[int], compute_dtype: torch.dtype, device: torch.device
+) -> tuple[int, int, int]:
+    """``(C, n, m)`` of the :class:`Workspace` one :func:`orthogonalize` call on ``shape`` works in:
+    C matrices at a time (a CPU chunk, else all), n <= m their short and long sides."""
+    m, n = shape[-2:]
+    batch = math.prod(shape[:-2])
+    return min(batch, _chunk_size((batch, m, n), compute_dtype, device)), min(m, n), max(m, n)
+
+
+def _chunk_size(shape: Sequence[int], compute_dtype: torch.dtype, device: torch.device) -> int:
     """Matrices per batched call: all of them on accelerators, about 1 MiB of X per call on CPU.
 
     On CPU a 128 x 256 x 512 batch streams 32 MiB through every elementwise pass (normalization,
@@ -439,11 +472,11 @@ def _chunk_size(X: torch.Tensor, compute_dtype: torch.dtype) -> int:
     dispatch-bound, and chunking them would make an optimizer step's op count grow with the
     number of layers (issue 12); the losses chunking fixed were measured at 256 KiB matrices and up.
     """
-    if X.device.type != "cpu":
-        return X.shape[0]
-    matrix_bytes = X.shape[-2] * X.shape[-1] * compute_dtype.itemsize
+    if torch.device(device).type != "cpu":
+        return shape[0]
+    matrix_bytes = shape[-2] * shape[-1] * compute_dtype.itemsize
     if matrix_bytes < _CPU_CHUNK_MIN_MATRIX_BYTES:
-        return X.shape[0]
+        return shape[0]
     return max(1, _CPU_CHUNK_BYTES // matrix_bytes)
 
 

@@ -258,6 +258,7 @@ class Muon(GroupedOptimizer):
         key = (
             tuple(map(id, params)),
             group["ns_method"],
+            group["ns_dtype"],  # sizes the planned Newton-Schulz workspace
             group["adjust_lr_fn"],
             *matrix_view_options(group).values(),
         )
