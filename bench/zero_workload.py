@@ -126,7 +126,9 @@ class Case:
     zero: dict[str, Any] = field(default_factory=dict)
     timed: bool = False
     bf16: bool = False
-    ns_dtype: str | None = None  # expertopt's Newton-Schulz dtype (None: its default, bf16 on CPU)
+    # expertopt's Newton-Schulz dtype, also the dtype results travel back in. bf16 pinned: the
+    # recorded figures are bf16 replies, and "auto" computes in fp32 on a CPU without oneDNN bf16.
+    ns_dtype: str = "bfloat16"
     spec: ModelSpec = ModelSpec()
 
 
@@ -149,8 +151,7 @@ def _config(case: Case) -> dict[str, Any]:
             "type": "Muon",
             "params": {"lr": LR, "adamw_lr": ADAMW_LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
         }
-        if case.ns_dtype:
-            optimizer["params"]["ns_dtype"] = case.ns_dtype
+        optimizer["params"]["ns_dtype"] = case.ns_dtype
     config = {
         "train_micro_batch_size_per_gpu": case.spec.batch,
         "gradient_accumulation_steps": 1,
