@@ -85,6 +85,29 @@ def test_batched_bf16_close_to_unfused_reference_loop():
     assert (batched - reference).norm() / reference.norm() < 6e-2
 
 
+@pytest.mark.parametrize("coefficients", [DEFAULT_NS_COEFFICIENTS, (2.0, -1.5, 0.0), (1.5, -0.5, 0.005)])
+def test_fp32_polynomial_forms_equal_the_reference_loop(coefficients):
+    """fp32 forms aI + bA + cA^2 by completing the square, or directly where that would cancel
+    (c = 0, or c tiny against b): each matches the plain per-matrix loop."""
+    G = gaussian(5, 24, 40)
+    reference = newton_schulz_loop(G, coefficients=coefficients, dtype=torch.float32)
+    # fp32 reassociation only: measured max 7.7e-7, 2.1e-7 and 2.4e-7.
+    torch.testing.assert_close(
+        orthogonalize(G, coefficients=coefficients, dtype="float32"), reference, atol=3e-6, rtol=0
+    )
+
+
+def test_planned_workspace_is_reused_and_must_fit():
+    G = gaussian(6, 24, 40)
+    shape = newton_schulz.workspace_shape(G.shape, torch.float32, CPU)
+    workspace = newton_schulz.Workspace.allocate(*shape, torch.float32, CPU)
+    fresh = orthogonalize(G, dtype="float32")
+    for _ in range(2):  # the buffers hold the last call's iterates: nothing leaks into the next one
+        assert torch.equal(orthogonalize(G, dtype="float32", workspace=workspace), fresh)
+    with pytest.raises(ValueError, match=r"workspace holds torch.float32.*needs torch.bfloat16"):
+        orthogonalize(G, dtype="bfloat16", workspace=workspace)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(7, 24, 40), (7, 40, 24), (2, 3, 24, 40)])
 def test_cpu_chunking_does_not_change_the_result(monkeypatch, method, shape):

@@ -375,9 +375,10 @@ def orthogonalize(
     For the optimizer step (issue 12): ``out`` (contiguous, ``G.shape``; it may be ``G`` itself,
     every chunk is read before it is written) receives the result, and ``out_scale`` (a tensor
     broadcastable to ``[1, 1, 1]``, typically fp32 ``-lr * AdjustLR``) multiplies it on the way
-    out, so the cast back from the compute dtype, the transpose of tall matrices and the lr scaling
-    are one memory pass, computed in ``out_scale``'s dtype. ``workspace`` (see :class:`Workspace`)
-    holds the iteration's buffers across calls; without it the call allocates them.
+    out, computed in ``out_scale``'s dtype: in fp32 the last product is written into ``out`` in its
+    layout and scaled in place, otherwise the cast back, the transpose of tall matrices and the
+    scaling are one pass. ``workspace`` (see :class:`Workspace`) holds the iteration's buffers
+    across calls; without it the call allocates them.
     """
     if not isinstance(G, torch.Tensor) or G.ndim < 2:
         shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
