@@ -259,11 +259,11 @@ def _plan_summary(engine: Any) -> dict[str, int]:
 
     optimizer = engine.basic_optimizer
     summary = dict.fromkeys(("held", "straddling", "sent", "wire", "flops"), 0)
-    muon_groups = [g for g in optimizer.param_groups if g.get("use_muon")]
-    if not muon_groups:
+    units = getattr(optimizer, "shard_units", [])  # expertopt's; DeepSpeed's Muon has none
+    if not units:
         return summary
-    ns_dtype = muon_groups[0]["ns_dtype"]
-    for unit in getattr(optimizer, "shard_units", []):
+    ns_dtype = next(g["ns_dtype"] for g in optimizer.param_groups if g.get("use_muon"))
+    for unit in units:
         layout, rank = unit.layout, unit.rank
         reply = unit.reply_dtype(unit.ns_method, ns_dtype, torch.zeros((), dtype=torch.float32))
         for index, matrix in enumerate(layout.matrices):
