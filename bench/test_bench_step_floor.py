@@ -4,8 +4,8 @@
   expertopt.Muon, torch.optim.Muon (+ fused AdamW for the norms) and DeepSpeed's
   ``SingleDeviceMuonWithAuxAdam``. Exact counts. Target: expertopt flat in depth and <= 300.
 - **step time over its Newton-Schulz GEMMs alone**: the same products the step runs (per bucket
-  and iteration ``X X^T``, ``A A``, ``B X``) as plain bf16 ``bmm`` on pre-made stacked tensors of the
-  step's bucket shapes, nothing else; timed interleaved with expertopt's step round by round on
+  and iteration ``X X^T``, ``A A``, ``B X``) as plain ``bmm`` in the step's Newton-Schulz dtype on
+  pre-made stacked tensors of the step's bucket shapes, nothing else; timed interleaved with expertopt's step round by round on
   the dense and MoE models of ``bench/models.py``. Target: step <= 1.2x the GEMMs.
 - **peak memory of a step**: the most bytes the step has allocated and not yet freed at any
   moment (``bench.probe.PeakMemory``, a dispatch mode; what existed before the step, parameters,
@@ -33,6 +33,7 @@ import torch
 import expertopt
 from bench.probe import PROBE_OPTIMIZERS, count_step_ops, peak_step_memory, probe_optimizer
 from bench.test_bench_optimizer_step import OURS, THREADS, _interleaved, _make
+from expertopt.kernels import resolve_ns_dtype
 
 __all__: list[str] = []
 
@@ -82,8 +83,13 @@ def _buckets(optimizer: expertopt.Muon) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def _compute_dtype(optimizer: expertopt.Muon) -> torch.dtype:
+    """The dtype the step's Newton-Schulz runs in ("auto" is fp32 on a CPU without oneDNN bf16)."""
+    return resolve_ns_dtype(optimizer.param_groups[0]["ns_dtype"], torch.device("cpu"), "standard")
+
+
 def _gemms_alone(optimizer: expertopt.Muon, dtype: torch.dtype = torch.bfloat16) -> Callable[[], None]:
-    """The step's Newton-Schulz products as plain bf16 bmm on pre-made tensors: nothing else.
+    """The step's Newton-Schulz products as plain bmm in ``dtype`` on pre-made tensors: nothing else.
 
     Same operand layouts as the kernel (``X X^T`` reads ``X.mT``, a view): on this CPU a bmm on
     a transposed view runs at a different rate than on a contiguous copy.
@@ -110,7 +116,7 @@ def test_step_over_gemms(benchmark, model: str) -> None:
     """The GEMMs alone timed by pytest-benchmark, expertopt's step before each round (untimed setup)."""
     benchmark.group = f"step vs its Newton-Schulz GEMMs: {model} model"
     optimizer = _make(model, OURS, warm=True)
-    step = _interleaved(benchmark, _gemms_alone(optimizer), optimizer.step)
+    step = _interleaved(benchmark, _gemms_alone(optimizer, _compute_dtype(optimizer)), optimizer.step)
     if step is not None:
         FLOOR_RATIOS[model] = (step, benchmark.stats.stats.median)
         benchmark.extra_info.update(step_ms=step * 1e3, ratio=step / benchmark.stats.stats.median)

@@ -49,7 +49,14 @@ def _engine(mode: str) -> Any:
         "gradient_clipping": 0.0,
         "optimizer": {
             "type": "Muon",
-            "params": {"lr": 0.02, "adamw_lr": 3e-4, "weight_decay": 0.1, "zero0_newton_schulz": mode},
+            # bf16 pinned, as recorded: "auto" is fp32 on a CPU without oneDNN bf16 (twice the reply bytes).
+            "params": {
+                "lr": 0.02,
+                "adamw_lr": 3e-4,
+                "weight_decay": 0.1,
+                "zero0_newton_schulz": mode,
+                "ns_dtype": "bfloat16",
+            },
         },
         "zero_optimization": {"stage": 0},
         "steps_per_print": 10**9,

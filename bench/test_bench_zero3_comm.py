@@ -93,7 +93,8 @@ def _config(optimizer: str) -> dict[str, Any]:
         }
         zero["reduce_scatter"] = False  # DeepSpeed 0.19.8: "Muon and reduce scatter cannot be used together"
     else:
-        block = {"type": "Muon", "params": {"lr": LR, "adamw_lr": ADAMW_LR}}
+        # bf16 pinned (the recorded bytes are bf16 replies); "auto" is fp32 on a CPU without oneDNN bf16.
+        block = {"type": "Muon", "params": {"lr": LR, "adamw_lr": ADAMW_LR, "ns_dtype": "bfloat16"}}
     return {
         "train_micro_batch_size_per_gpu": BATCH,
         "gradient_accumulation_steps": 1,
@@ -212,7 +213,7 @@ def _report(per_rank: list[dict], emit) -> dict[str, float]:
     )
     # Reduce-to-owner: same ring bytes as the reduce-scatter, no gather. The exchange is half
     # gather (fp32 out) and half return (reply dtype); the gather is the fp32 part.
-    gather = info["expertopt_muon|exchange"] * 4 / (4 + 2)  # fp32 out, bf16 back (default ns_dtype)
+    gather = info["expertopt_muon|exchange"] * 4 / (4 + 2)  # fp32 out, bf16 back (ns_dtype pinned)
     emit(
         f"  reduce-to-owner (costed): {(eo - gather) / adamw:.3f}x AdamW (saves the gather, "
         f"{gather / 1024:.1f} KiB of {info['expertopt_muon|exchange'] / 1024:.1f} KiB exchange)"

@@ -21,12 +21,14 @@ Two sizes are recorded per call:
   non-root send ``S``, the root nothing); all-to-all: exactly the elements sent to other ranks
   (the chunk to itself stays home). A size-1 group sends nothing. This is the convention of
   NCCL's "bus bandwidth", under which an all-reduce costs twice a reduce-scatter.
+
+The collectives, their buffers and the ``wire`` rule are the package's own
+(``expertopt.demo_comm``, which the demo counts with): one definition of a byte.
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 import os
 import socket
@@ -41,6 +43,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from expertopt.demo_comm import (
+    DEEPSPEED_OPS,
+    TORCH_OPS,
+    buffer_dtype,
+    payload_bytes,
+    sent_bytes,
+    signature_of,
+)
 
 __all__ = ["CommCounter", "spawn"]
 
@@ -86,64 +97,6 @@ def spawn(fn: Callable, world_size: int, *args: Any) -> list[Any]:
         ]
 
 
-# Collectives and how to size them: (buffer argument, wire-bytes rule).
-_DS_OPS = {
-    "all_reduce": ("tensor", "allreduce"),
-    "all_reduce_coalesced": ("tensors", "allreduce"),
-    "inference_all_reduce": ("tensor", "allreduce"),
-    "reduce": ("tensor", "rooted"),
-    "broadcast": ("tensor", "rooted"),
-    "all_gather": ("tensor", "gather_input"),
-    "all_gather_into_tensor": ("output_tensor", "gather_output"),
-    "allgather_fn": ("output_tensor", "gather_output"),
-    "reduce_scatter": ("input_list", "scatter_input"),
-    "reduce_scatter_tensor": ("tensor", "scatter_input"),
-    "reduce_scatter_fn": ("tensor", "scatter_input"),
-    "all_to_all_single": ("tensor", "alltoall"),
-    "all_gather_coalesced": ("input_tensors", "gather_input"),
-    "barrier": (None, "none"),
-}
-_TORCH_OPS = {
-    "all_reduce": ("tensor", "allreduce"),
-    "reduce": ("tensor", "rooted"),
-    "broadcast": ("tensor", "rooted"),
-    "all_gather": ("tensor", "gather_input"),
-    "all_gather_into_tensor": ("output_tensor", "gather_output"),
-    "reduce_scatter_tensor": ("input", "scatter_input"),
-    "all_to_all_single": ("input", "alltoall"),
-}
-
-
-def _signature(fn: Callable) -> inspect.Signature:
-    """The real signature; ``deepspeed.comm``'s ``timed_op`` wraps without ``functools.wraps``."""
-    signature = inspect.signature(fn)
-    if all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
-        for cell in fn.__closure__ or ():
-            inner = cell.cell_contents
-            if callable(inner) and getattr(inner, "__name__", None) == fn.__name__:
-                return inspect.signature(inner)
-        for cell in fn.__closure__ or ():
-            if inspect.isfunction(cell.cell_contents):
-                return inspect.signature(cell.cell_contents)
-    return signature
-
-
-def _nbytes(x: Any) -> int:
-    if torch.is_tensor(x):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
-
-
-def _dtype(x: Any) -> str:
-    if torch.is_tensor(x):
-        return str(x.dtype).removeprefix("torch.")
-    if isinstance(x, (list, tuple)) and x:
-        return _dtype(x[0])
-    return ""
-
-
 class CommCounter:
     """Counts collectives per ``(phase, source, op, group size, dtype)`` while ``phase`` is set.
 
@@ -179,16 +132,16 @@ class CommCounter:
             return self
         import deepspeed.comm as ds_dist
 
-        for name, rule in _DS_OPS.items():
+        for name, rule in DEEPSPEED_OPS.items():
             if hasattr(ds_dist, name):
                 setattr(ds_dist, name, self._wrap(getattr(ds_dist, name), name, rule, "deepspeed"))
-        for name, rule in _TORCH_OPS.items():
+        for name, rule in TORCH_OPS.items():
             setattr(dist, name, self._wrap(getattr(dist, name), name, rule, "torch"))
         self._installed = True
         return self
 
     def _wrap(self, original: Callable, name: str, rule: tuple[str | None, str], source: str) -> Callable:
-        signature = _signature(original)
+        signature = signature_of(original)
         argument, kind = rule
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -213,24 +166,9 @@ class CommCounter:
         group = bound.get("group")
         size = dist.get_world_size(group=group)
         buffer = bound.get(argument) if argument else None
-        payload = _nbytes(buffer)
-        if size <= 1 or kind == "none":
-            wire = 0.0
-        elif kind == "allreduce":
-            wire = 2 * (size - 1) / size * payload
-        elif kind in ("rooted", "gather_output", "scatter_input"):
-            wire = (size - 1) / size * payload
-        elif kind == "gather_input":
-            wire = (size - 1) * payload
-        else:  # alltoall: exact elements sent to the other ranks
-            splits = bound.get("input_split_sizes")
-            if splits:
-                per_row = buffer.numel() // max(buffer.shape[0], 1) * buffer.element_size()
-                me = dist.get_rank(group=group)
-                wire = float((sum(splits) - splits[me]) * per_row)
-            else:
-                wire = (size - 1) / size * payload
-        record = self.records[(self.phase, source, name, size, _dtype(buffer))]
+        payload = payload_bytes(buffer)
+        wire = sent_bytes(kind, bound, buffer, size)
+        record = self.records[(self.phase, source, name, size, buffer_dtype(buffer))]
         record[0] += 1
         record[1] += payload
         record[2] += wire

@@ -126,7 +126,9 @@ class Case:
     zero: dict[str, Any] = field(default_factory=dict)
     timed: bool = False
     bf16: bool = False
-    ns_dtype: str | None = None  # expertopt's Newton-Schulz dtype (None: its default, bf16 on CPU)
+    # expertopt's Newton-Schulz dtype, also the dtype results travel back in. bf16 pinned: the
+    # recorded figures are bf16 replies, and "auto" computes in fp32 on a CPU without oneDNN bf16.
+    ns_dtype: str = "bfloat16"
     spec: ModelSpec = ModelSpec()
 
 
@@ -149,8 +151,7 @@ def _config(case: Case) -> dict[str, Any]:
             "type": "Muon",
             "params": {"lr": LR, "adamw_lr": ADAMW_LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
         }
-        if case.ns_dtype:
-            optimizer["params"]["ns_dtype"] = case.ns_dtype
+        optimizer["params"]["ns_dtype"] = case.ns_dtype
     config = {
         "train_micro_batch_size_per_gpu": case.spec.batch,
         "gradient_accumulation_steps": 1,
@@ -258,11 +259,11 @@ def _plan_summary(engine: Any) -> dict[str, int]:
 
     optimizer = engine.basic_optimizer
     summary = dict.fromkeys(("held", "straddling", "sent", "wire", "flops"), 0)
-    muon_groups = [g for g in optimizer.param_groups if g.get("use_muon")]
-    if not muon_groups:
+    units = getattr(optimizer, "shard_units", [])  # expertopt's; DeepSpeed's Muon has none
+    if not units:
         return summary
-    ns_dtype = muon_groups[0]["ns_dtype"]
-    for unit in getattr(optimizer, "shard_units", []):
+    ns_dtype = next(g["ns_dtype"] for g in optimizer.param_groups if g.get("use_muon"))
+    for unit in units:
         layout, rank = unit.layout, unit.rank
         reply = unit.reply_dtype(unit.ns_method, ns_dtype, torch.zeros((), dtype=torch.float32))
         for index, matrix in enumerate(layout.matrices):

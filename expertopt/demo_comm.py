@@ -25,12 +25,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["CollectiveBytes"]
+__all__ = [
+    "DEEPSPEED_OPS",
+    "TORCH_OPS",
+    "CollectiveBytes",
+    "buffer_dtype",
+    "payload_bytes",
+    "sent_bytes",
+    "signature_of",
+]
 
-# Collective name -> (argument holding the buffer, sizing rule).
-_DEEPSPEED_OPS = {
+# Collective name -> (argument holding the buffer, sizing rule); ``bench/zero_harness.py`` counts
+# with the same tables and rules. "none": a synchronization that moves no data (barrier).
+DEEPSPEED_OPS: dict[str, tuple[str | None, str]] = {
     "all_reduce": ("tensor", "allreduce"),
     "all_reduce_coalesced": ("tensors", "allreduce"),
+    "inference_all_reduce": ("tensor", "allreduce"),
     "reduce": ("tensor", "rooted"),
     "broadcast": ("tensor", "rooted"),
     "all_gather": ("tensor", "gather_input"),
@@ -41,8 +51,9 @@ _DEEPSPEED_OPS = {
     "reduce_scatter_fn": ("tensor", "scatter_input"),
     "all_to_all_single": ("tensor", "alltoall"),
     "all_gather_coalesced": ("input_tensors", "gather_input"),
+    "barrier": (None, "none"),
 }
-_TORCH_OPS = {
+TORCH_OPS: dict[str, tuple[str | None, str]] = {
     "all_reduce": ("tensor", "allreduce"),
     "reduce": ("tensor", "rooted"),
     "broadcast": ("tensor", "rooted"),
@@ -53,28 +64,43 @@ _TORCH_OPS = {
 }
 
 
-def _signature(fn: Callable) -> inspect.Signature:
-    """The real signature; ``deepspeed.comm``'s ``timed_op`` wraps without ``functools.wraps``."""
+def signature_of(fn: Callable) -> inspect.Signature:
+    """The real signature; ``deepspeed.comm``'s ``timed_op`` wraps without ``functools.wraps``:
+    the wrapped function is the closure cell of the same name, else the first function there."""
     signature = inspect.signature(fn)
     if all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
-        for cell in fn.__closure__ or ():
-            if inspect.isfunction(cell.cell_contents):
-                return inspect.signature(cell.cell_contents)
+        cells = [cell.cell_contents for cell in fn.__closure__ or ()]
+        for inner in cells:
+            if callable(inner) and getattr(inner, "__name__", None) == fn.__name__:
+                return inspect.signature(inner)
+        for inner in cells:
+            if inspect.isfunction(inner):
+                return inspect.signature(inner)
     return signature
 
 
-def _nbytes(x: Any) -> int:
+def payload_bytes(x: Any) -> int:
+    """Bytes of a collective's buffer (a tensor or a list of them)."""
     if torch.is_tensor(x):
         return x.numel() * x.element_size()
     if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
+        return sum(payload_bytes(t) for t in x)
     return 0
 
 
-def _sent_bytes(kind: str, bound: dict[str, Any], buffer: Any, size: int) -> float:
+def buffer_dtype(x: Any) -> str:
+    """The buffer's dtype name ("" for none)."""
+    if torch.is_tensor(x):
+        return str(x.dtype).removeprefix("torch.")
+    if isinstance(x, (list, tuple)) and x:
+        return buffer_dtype(x[0])
+    return ""
+
+
+def sent_bytes(kind: str, bound: dict[str, Any], buffer: Any, size: int) -> float:
     """Bytes this rank sends for one collective of ``kind`` over a group of ``size`` ranks."""
-    payload = _nbytes(buffer)
-    if size <= 1:
+    payload = payload_bytes(buffer)
+    if size <= 1 or kind == "none":
         return 0.0
     if kind == "allreduce":
         return 2 * (size - 1) / size * payload
@@ -121,9 +147,9 @@ class CollectiveBytes:
             return self
         import deepspeed.comm as ds_dist
 
-        for module, source, ops in ((ds_dist, "deepspeed", _DEEPSPEED_OPS), (dist, "torch", _TORCH_OPS)):
+        for module, source, ops in ((ds_dist, "deepspeed", DEEPSPEED_OPS), (dist, "torch", TORCH_OPS)):
             for name, rule in ops.items():
-                if hasattr(module, name):
+                if hasattr(module, name) and rule[1] != "none":  # counts bytes: a barrier moves none
                     original = getattr(module, name)
                     self._originals.append((module, name, original))
                     setattr(module, name, self._wrap(original, f"{source}.{name}", rule))
@@ -134,8 +160,8 @@ class CollectiveBytes:
             setattr(module, name, original)
         self._originals.clear()
 
-    def _wrap(self, original: Callable, key: str, rule: tuple[str, str]) -> Callable:
-        signature = _signature(original)
+    def _wrap(self, original: Callable, key: str, rule: tuple[str | None, str]) -> Callable:
+        signature = signature_of(original)
         argument, kind = rule
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -143,7 +169,8 @@ class CollectiveBytes:
             if depth == 0 and self._active:
                 bound = signature.bind_partial(*args, **kwargs).arguments
                 size = dist.get_world_size(group=bound.get("group"))
-                self.bytes_by_op[key] += _sent_bytes(kind, bound, bound.get(argument), size)
+                buffer = bound.get(argument) if argument else None
+                self.bytes_by_op[key] += sent_bytes(kind, bound, buffer, size)
                 self.calls_by_op[key] += 1
             self._local.depth = depth + 1
             try:

@@ -27,6 +27,7 @@ from expertopt.demo_comm import CollectiveBytes
 from expertopt.demo_config import DemoConfig
 from expertopt.demo_data import ByteCorpus, load_stdlib_corpus
 from expertopt.demo_models import DEMO_MODELS, build_model
+from expertopt.kernels import cpu_bf16_matmul_is_fast
 
 __all__ = ["deepspeed_config", "newton_schulz_dtype", "train_rank", "warmup_cosine"]
 
@@ -47,13 +48,14 @@ def warmup_cosine(warmup_steps: int, total_steps: int, final_ratio: float = 0.1)
 
 
 def newton_schulz_dtype() -> str:
-    """bf16 where the CPU multiplies bf16 natively, else fp32.
+    """bf16 where the CPU multiplies bf16 natively, else fp32, spelled out for the demo's report.
 
-    ``ns_dtype="auto"`` means bf16 on every CPU, but a CPU without AVX512-BF16/AMX emulates bf16
-    matmuls: 64x64 products ran at 0.9 GFLOP/s in bf16 against 19 in fp32 on the 2-core AVX2
+    ``ns_dtype="auto"`` makes the same choice (``expertopt.kernels.cpu_bf16_matmul_is_fast``); the
+    demo names the dtype so that its table says which one ran. A CPU without oneDNN bf16 matmul
+    emulates it: 64x64 products ran at 0.9 GFLOP/s in bf16 against 19 in fp32 on the 2-core AVX2
     machine the demo was built on, which made the Muon step 7x slower than in fp32.
     """
-    return "auto" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    return "auto" if cpu_bf16_matmul_is_fast() else "float32"
 
 
 def deepspeed_config(config: DemoConfig, optimizer: str) -> dict[str, Any]:

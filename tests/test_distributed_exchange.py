@@ -189,12 +189,17 @@ def test_idle_ranks_take_matrices_past_the_budget():
     assert owners[0] in (0, 2, 3) and owners[2] in (1, 2, 3)
 
 
-def test_reply_travels_in_the_newton_schulz_dtype():
+def test_reply_travels_in_the_newton_schulz_dtype(monkeypatch):
     from expertopt.distributed.step import ShardedMatrices
+    from expertopt.kernels import newton_schulz
 
     shard = ShardedMatrices(_flat_layout(2), 0)
     like = torch.zeros(1)
-    assert shard.reply_dtype("standard", "auto", like) == torch.bfloat16  # bf16 on CPU: exact, half the bytes
+    monkeypatch.setattr(newton_schulz, "_CPU_BF16_MATMUL_IS_FAST", True)
+    assert shard.reply_dtype("standard", "auto", like) == torch.bfloat16  # bf16: exact, half the bytes
+    assert shard.reply_dtype("standard", "bfloat16", like) == torch.bfloat16
+    monkeypatch.setattr(newton_schulz, "_CPU_BF16_MATMUL_IS_FAST", False)
+    assert shard.reply_dtype("standard", "auto", like) == torch.float32  # auto runs fp32 on this CPU
     assert shard.reply_dtype("standard", "float32", like) == torch.float32
     assert shard.reply_dtype("gram", "auto", like) == torch.float32  # gram runs in fp32 on CPU
 

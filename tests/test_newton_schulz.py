@@ -85,6 +85,29 @@ def test_batched_bf16_close_to_unfused_reference_loop():
     assert (batched - reference).norm() / reference.norm() < 6e-2
 
 
+@pytest.mark.parametrize("coefficients", [DEFAULT_NS_COEFFICIENTS, (2.0, -1.5, 0.0), (1.5, -0.5, 0.005)])
+def test_fp32_polynomial_forms_equal_the_reference_loop(coefficients):
+    """fp32 forms aI + bA + cA^2 by completing the square, or directly where that would cancel
+    (c = 0, or c tiny against b): each matches the plain per-matrix loop."""
+    G = gaussian(5, 24, 40)
+    reference = newton_schulz_loop(G, coefficients=coefficients, dtype=torch.float32)
+    # fp32 reassociation only: measured max 7.7e-7, 2.1e-7 and 2.4e-7.
+    torch.testing.assert_close(
+        orthogonalize(G, coefficients=coefficients, dtype="float32"), reference, atol=3e-6, rtol=0
+    )
+
+
+def test_planned_workspace_is_reused_and_must_fit():
+    G = gaussian(6, 24, 40)
+    shape = newton_schulz.workspace_shape(G.shape, torch.float32, CPU)
+    workspace = newton_schulz.Workspace.allocate(*shape, torch.float32, CPU)
+    fresh = orthogonalize(G, dtype="float32")
+    for _ in range(2):  # the buffers hold the last call's iterates: nothing leaks into the next one
+        assert torch.equal(orthogonalize(G, dtype="float32", workspace=workspace), fresh)
+    with pytest.raises(ValueError, match=r"workspace holds torch.float32.*needs torch.bfloat16"):
+        orthogonalize(G, dtype="bfloat16", workspace=workspace)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(7, 24, 40), (7, 40, 24), (2, 3, 24, 40)])
 def test_cpu_chunking_does_not_change_the_result(monkeypatch, method, shape):
@@ -93,7 +116,7 @@ def test_cpu_chunking_does_not_change_the_result(monkeypatch, method, shape):
     whole = orthogonalize(G, method=method, dtype="float32")
     monkeypatch.setattr(newton_schulz, "_CPU_CHUNK_BYTES", 3 * 24 * 40 * 4 - 1)
     monkeypatch.setattr(newton_schulz, "_CPU_CHUNK_MIN_MATRIX_BYTES", 0)
-    assert newton_schulz._chunk_size(G.reshape(-1, 24, 40), torch.float32) == 2
+    assert newton_schulz._chunk_size(G.reshape(-1, 24, 40).shape, torch.float32, CPU) == 2
     assert torch.equal(orthogonalize(G, method=method, dtype="float32"), whole)
 
 
@@ -249,9 +272,11 @@ def test_fp16_input_whose_norm_overflows_fp16_gives_finite_output(method):
     torch.testing.assert_close(Y.float(), orthogonalize(G, method=method, dtype="float32"), atol=5e-3, rtol=0)
 
 
-def test_auto_method_and_dtype_on_cpu_are_standard_bf16():
+@pytest.mark.parametrize(("fast_bf16", "dtype"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_method_and_dtype_on_cpu_are_standard_in_the_fast_dtype(monkeypatch, fast_bf16, dtype):
+    monkeypatch.setattr(newton_schulz, "_CPU_BF16_MATMUL_IS_FAST", fast_bf16)
     G = gaussian(4, 16, 128)  # aspect ratio 8: auto would pick gram on an accelerator
-    assert torch.equal(orthogonalize(G, method="auto"), orthogonalize(G, dtype=torch.bfloat16))
+    assert torch.equal(orthogonalize(G, method="auto"), orthogonalize(G, dtype=dtype))
 
 
 # ---------------------------------------------------------------- method / dtype policy
@@ -262,12 +287,30 @@ def test_auto_dtype_on_cpu_is_never_float16(method):
     assert resolve_ns_dtype("auto", CPU, method) != torch.float16
 
 
-def test_auto_dtype_policy_per_device():
-    assert resolve_ns_dtype("auto", CPU, "standard") == torch.bfloat16
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["cpu-with-onednn-bf16", "cpu-without"])
+def test_auto_dtype_policy_per_device(monkeypatch, fast_bf16):
+    monkeypatch.setattr(newton_schulz, "_CPU_BF16_MATMUL_IS_FAST", fast_bf16)
+    cpu_half = torch.bfloat16 if fast_bf16 else torch.float32
+    assert resolve_ns_dtype("auto", CPU, "standard") == cpu_half
+    assert resolve_ns_dtype("auto", CPU, "polar_express") == cpu_half
     assert resolve_ns_dtype("auto", CPU, "gram") == torch.float32
+    # Accelerators do not depend on the host CPU.
     assert resolve_ns_dtype("auto", torch.device("cuda"), "standard") == torch.bfloat16
+    assert resolve_ns_dtype("auto", torch.device("cuda"), "polar_express") == torch.bfloat16
     assert resolve_ns_dtype("auto", torch.device("cuda"), "gram") == torch.float16
     assert resolve_ns_dtype("auto", torch.device("meta"), "standard") == torch.float32
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_cpu_bf16_capability_is_torchs_onednn_check(monkeypatch, supported):
+    """The policy reads torch's own check (the one that routes bf16 matmuls to oneDNN)."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+    assert newton_schulz.cpu_bf16_matmul_is_fast() is (supported and torch.backends.mkldnn.is_available())
+
+
+def test_auto_dtype_on_this_cpu_follows_its_bf16_capability():
+    fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_ns_dtype("auto", CPU, "standard") == (torch.bfloat16 if fast else torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,13 @@ from expertopt.kernels.newton_schulz import (
     NS_DTYPES,
     NS_METHODS,
     POLAR_EXPRESS_COEFFICIENTS,
+    Workspace,
+    cpu_bf16_matmul_is_fast,
     ns_flops,
     orthogonalize,
     resolve_ns_dtype,
     resolve_ns_method,
+    workspace_shape,
 )
 
 __all__ = [
@@ -20,8 +23,11 @@ __all__ = [
     "NS_DTYPES",
     "NS_METHODS",
     "POLAR_EXPRESS_COEFFICIENTS",
+    "Workspace",
+    "cpu_bf16_matmul_is_fast",
     "ns_flops",
     "orthogonalize",
     "resolve_ns_dtype",
     "resolve_ns_method",
+    "workspace_shape",
 ]

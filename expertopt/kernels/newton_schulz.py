@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -38,10 +39,13 @@ __all__ = [
     "NS_DTYPES",
     "NS_METHODS",
     "POLAR_EXPRESS_COEFFICIENTS",
+    "Workspace",
+    "cpu_bf16_matmul_is_fast",
     "ns_flops",
     "orthogonalize",
     "resolve_ns_dtype",
     "resolve_ns_method",
+    "workspace_shape",
 ]
 
 # Keller Jordan's quintic coefficients, the same as torch.optim.Muon's default ns_coefficients.
@@ -91,6 +95,24 @@ _ACCELERATOR_TYPES = ("cuda", "xpu")
 _CPU_CHUNK_BYTES = 1 << 20
 # Smaller matrices are never chunked (see _chunk_size): 64 KiB is a 128 x 256 bf16 matrix.
 _CPU_CHUNK_MIN_MATRIX_BYTES = 64 << 10
+# _square_completion's bound: with b^2 / 4|c| at most this many times |a| + |b| + |c|, the
+# completed square's terms (and its rounding) stay within ~10x the plain form's. Keller Jordan's
+# coefficients give 0.27, Polar Express's at most 0.53.
+_SQUARE_FORM_MAX_GROWTH = 4.0
+
+
+def cpu_bf16_matmul_is_fast() -> bool:
+    """Whether torch runs bf16 matmuls on this CPU through oneDNN (AVX-512 or Arm BF16).
+
+    Without it torch falls back to a scalar bf16 GEMM: measured 1.9 GFLOP/s for a bf16
+    ``bmm [32, 128, 128]`` against 25.6 in fp32 on a 2-core AVX2 machine (docs/benchmarks.md).
+    """
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# Read once: ``ns_dtype="auto"`` is resolved inside the optimizer step, which must not dispatch an
+# op to ask (op count, torch.compile); tests patch this constant to check both policies.
+_CPU_BF16_MATMUL_IS_FAST = cpu_bf16_matmul_is_fast()
 
 
 def resolve_ns_method(method: str, shape: torch.Size | tuple[int, ...], device: torch.device) -> str:
@@ -121,8 +143,10 @@ def resolve_ns_dtype(dtype: str | torch.dtype, device: torch.device, method: str
 
     ``'auto'``: cuda/xpu run standard and polar_express in bf16 and gram in fp16 (the Gram matrix
     needs the extra mantissa, as in Dao AI Lab's and DeepSpeed's kernels); CPU runs standard and
-    polar_express in bf16 and gram in fp32, never fp16 (fp16 matmul is ~100-300x slower than bf16
-    on CPU); other devices use fp32. Explicit dtypes are honoured as given.
+    polar_express in bf16 where torch multiplies bf16 through oneDNN (:func:`cpu_bf16_matmul_is_fast`)
+    and in fp32 elsewhere (a scalar bf16 GEMM is ~10x slower than fp32 there), and gram in fp32;
+    never fp16 on CPU (fp16 matmul is ~100-300x slower than bf16); other devices use fp32.
+    Explicit dtypes are honoured as given.
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_BY_NAME.values():
@@ -147,7 +171,7 @@ def resolve_ns_dtype(dtype: str | torch.dtype, device: torch.device, method: str
     if device_type in _ACCELERATOR_TYPES:
         return torch.float16 if method == "gram" else torch.bfloat16
     if device_type == "cpu":
-        return torch.float32 if method == "gram" else torch.bfloat16
+        return torch.bfloat16 if method != "gram" and _CPU_BF16_MATMUL_IS_FAST else torch.float32
     return torch.float32
 
 
@@ -179,8 +203,53 @@ def _coefficient_schedule(
     return table[:steps] + [table[-1]] * max(0, steps - len(table))
 
 
-def _normalize(X: torch.Tensor, compute_dtype: torch.dtype, eps: float, scale: float) -> torch.Tensor:
-    """Divide each matrix by its own Frobenius norm (times ``scale``), clamped like torch.optim.Muon.
+class Workspace(NamedTuple):
+    """Newton-Schulz buffers on a wide batch ``[C, n, m]`` (n <= m), reused by every iteration and
+    chunk of a call (issue 12), and by every step when an optimizer plans them (``workspace=`` of
+    :func:`orthogonalize`, shape from :func:`workspace_shape`). A fresh output per product costs
+    page faults on CPU, where the allocator hands large blocks back to the OS: measured 15% of the
+    iterations' time on the MoE bench model's buckets (docs/benchmarks.md)."""
+
+    iterates: tuple[torch.Tensor, torch.Tensor]
+    """``[C, n, m]`` twice: the normalized input lands in the first, iteration k writes ``k + 1 mod 2``."""
+    gram: torch.Tensor
+    """``[C, n, n]``: A = X X^T."""
+    poly: torch.Tensor
+    """``[C, n, n]``: bA + cA^2 (plus aI in fp32, see :func:`_standard_iterations`)."""
+    gram_diagonal: torch.Tensor
+    poly_diagonal: torch.Tensor
+    """Diagonal views, made once per call: views are ops too (issue 12)."""
+
+    @classmethod
+    def allocate(cls, batch: int, n: int, m: int, dtype: torch.dtype, device: torch.device) -> Workspace:
+        iterates = torch.empty(2, batch, n, m, dtype=dtype, device=device).unbind()
+        return cls.around(iterates, torch.empty(2, batch, n, n, dtype=dtype, device=device).unbind())
+
+    @classmethod
+    def inside(cls, iterates: torch.Tensor, squares: torch.Tensor, shape: tuple[int, int, int]) -> Workspace:
+        """Views of two flat buffers (of at least ``2 C n m`` and ``2 C n n`` elements)."""
+        batch, n, m = shape
+        return cls.around(
+            iterates[: 2 * batch * n * m].view(2, batch, n, m).unbind(),
+            squares[: 2 * batch * n * n].view(2, batch, n, n).unbind(),
+        )
+
+    @classmethod
+    def around(cls, iterates: tuple[torch.Tensor, ...], squares: tuple[torch.Tensor, ...]) -> Workspace:
+        gram, poly = squares
+        diagonals = (t.diagonal(dim1=-2, dim2=-1) for t in squares)
+        return cls((iterates[0], iterates[1]), gram, poly, *diagonals)
+
+    def first(self, batch: int) -> Workspace:
+        """The buffers of a smaller (last) chunk."""
+        return Workspace.around(
+            tuple(t[:batch] for t in self.iterates), (self.gram[:batch], self.poly[:batch])
+        )
+
+
+def _normalize(X: torch.Tensor, out: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
+    """Divide each matrix by its own Frobenius norm (times ``scale``), clamped like torch.optim.Muon,
+    into ``out`` (the compute dtype).
 
     Half-precision inputs are normalized in fp32: an fp16 matrix with 1e4 entries has an fp16
     norm of inf (F10), and bf16 would round the norm before the division.
@@ -189,21 +258,70 @@ def _normalize(X: torch.Tensor, compute_dtype: torch.dtype, eps: float, scale: f
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
     if scale != 1.0:
         norm = norm * scale
-    # One memory pass: divide in norm_dtype, round to compute_dtype and write a contiguous
+    # One memory pass: divide in norm_dtype, round to the compute dtype and write a contiguous
     # buffer, which also materializes the transpose of tall matrices for free.
-    out = torch.empty(X.shape, dtype=compute_dtype, device=X.device)
     return torch.div(X, norm.clamp(min=eps), out=out)
 
 
-def _standard_iterations(X: torch.Tensor, schedule: list[tuple[float, float, float]]) -> torch.Tensor:
-    """Quintic NS on a wide batch ``X: [B, n, m]`` (n <= m): X <- aX + (bA + cA^2)X with A = XX^T.
+def _square_completion(a: float, b: float, c: float) -> tuple[float, float] | None:
+    """``(beta, gamma)`` with ``a + bx + cx^2 = c (x + beta)^2 + gamma``, or None where the form
+    would cancel badly (c = 0 or tiny: ``b^2 / 4c`` far above the coefficients themselves)."""
+    if c == 0 or b * b / (4 * abs(c)) > _SQUARE_FORM_MAX_GROWTH * (abs(a) + abs(b) + abs(c)):
+        return None
+    return b / (2 * c), a - b * b / (4 * c)
 
-    baddbmm fuses the scale-and-add into the GEMM, exactly as torch.optim.Muon's addmm does.
+
+def _fp32_polynomial(work: Workspace, a: float, b: float, c: float) -> None:
+    """``work.poly = aI + bA + cA^2`` from ``work.gram = A`` with plain GEMMs: no copy of A.
+
+    An out-of-place baddbmm with a nonzero ``beta`` first copies its input into the result (an
+    ``[n, n]`` pass per iteration, 9 ms of a 155 ms MoE bench step on CPU); completing the square,
+    ``c (A + beta I)^2 + gamma I``, needs only diagonal adds (n elements) and a GEMM whose input is
+    ignored (``beta=0``). Where the completed square would cancel, ``aI + (bA + cA^2)`` instead.
     """
-    for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
+    square = _square_completion(a, b, c)
+    if square is None:
+        torch.baddbmm(work.gram, work.gram, work.gram, beta=b, alpha=c, out=work.poly)
+        work.poly_diagonal.add_(a)
+        return
+    beta, gamma = square
+    work.gram_diagonal.add_(beta)
+    torch.baddbmm(work.gram, work.gram, work.gram, beta=0, alpha=c, out=work.poly)
+    work.poly_diagonal.add_(gamma)
+
+
+def _standard_iterations(
+    work: Workspace, schedule: list[tuple[float, float, float]], last: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quintic NS on the wide batch in ``work.iterates[0]``: X <- aX + (bA + cA^2)X with A = XX^T.
+
+    In half precision ``aX + (bA + cA^2) X`` is torch.optim.Muon's, product for product (two
+    baddbmm, as its addmm; bitwise torch's, see the module docstring). In fp32 (issue 12) the
+    polynomial ``P = aI + bA + cA^2`` is formed in the ``[n, n]`` buffer (:func:`_fp32_polynomial`)
+    and ``X <- P X`` is a plain GEMM: a baddbmm with ``beta != 0`` first copies its ``[n, m]``
+    input into the result, one memory pass per iteration (on the MoE bench model on CPU a
+    quarter of the step's time outside its GEMMs). Same polynomial, other fp32 rounding.
+
+    fp32 only: ``last`` (contiguous, fp32, ``[C, n, m]`` or its transpose ``[C, m, n]``) receives
+    the final product directly, so the transpose back and the write are no extra pass (a
+    transposing copy ran at a quarter of a contiguous one's rate on the bench CPU). Returns the result.
+    """
+    fold = work.gram.dtype == torch.float32
+    X = work.iterates[0]
+    for k, (a, b, c) in enumerate(schedule):
+        torch.bmm(X, X.mT, out=work.gram)
+        following = work.iterates[(k + 1) % 2]
+        if not fold:
+            torch.baddbmm(work.gram, work.gram, work.gram, beta=b, alpha=c, out=work.poly)
+            X = torch.baddbmm(X, work.poly, X, beta=a, out=following)
+            continue
+        _fp32_polynomial(work, a, b, c)
+        if k < len(schedule) - 1 or last is None:
+            X = torch.bmm(work.poly, X, out=following)
+            continue
+        if last.shape[-2:] == X.shape[-2:]:
+            return torch.bmm(work.poly, X, out=last)
+        return torch.bmm(X.mT, work.poly.mT, out=last)  # (P X)^T, written in the stored layout
     return X
 
 
@@ -245,6 +363,7 @@ def orthogonalize(
     dtype: str | torch.dtype = "auto",
     out: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Approximate polar factor :math:`UV^T` of every matrix of ``G: [..., m, n]`` in one batched call.
 
@@ -256,8 +375,10 @@ def orthogonalize(
     For the optimizer step (issue 12): ``out`` (contiguous, ``G.shape``; it may be ``G`` itself,
     every chunk is read before it is written) receives the result, and ``out_scale`` (a tensor
     broadcastable to ``[1, 1, 1]``, typically fp32 ``-lr * AdjustLR``) multiplies it on the way
-    out, so the cast back from the compute dtype, the transpose of tall matrices and the lr scaling
-    are one memory pass, computed in ``out_scale``'s dtype.
+    out, computed in ``out_scale``'s dtype: in fp32 the last product is written into ``out`` in its
+    layout and scaled in place, otherwise the cast back, the transpose of tall matrices and the
+    scaling are one pass. ``workspace`` (see :class:`Workspace`) holds the iteration's buffers
+    across calls; without it the call allocates them.
     """
     if not isinstance(G, torch.Tensor) or G.ndim < 2:
         shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
@@ -281,21 +402,47 @@ def orthogonalize(
     scale = _POLAR_EXPRESS_SAFETY if method == "polar_express" else 1.0
     schedule = _coefficient_schedule(method, steps, coefficients)
     # Gram saves nothing on a square matrix, so it runs the standard iteration there.
-    iterate = _gram_iterations if method == "gram" and m != n else _standard_iterations
+    gram = method == "gram" and m != n
+    # fp32 standard iterations write the last product straight into ``out`` (see
+    # _standard_iterations); otherwise one pass casts (and scales) the result into it.
+    direct = not gram and compute_dtype == out.dtype == torch.float32
     # One flat batch dim so every product is a single bmm/baddbmm call (no reshape op when the
     # input already has one: each op is a kernel launch on a GPU, issue 12).
     X = G if G.ndim == 3 else G.reshape(-1, m, n)
     flat_out = out if out.ndim == 3 else out.view(-1, m, n)
-    chunk = _chunk_size(X, compute_dtype)
-    for start in range(0, X.shape[0], chunk):
-        whole = chunk >= X.shape[0]
-        Y = X if whole else X[start : start + chunk]
+    batch = X.shape[0]
+    chunk = _chunk_size(X.shape, compute_dtype, X.device)
+    expected = workspace_shape(G.shape, compute_dtype, G.device)
+    if workspace is None:
+        work = Workspace.allocate(*expected, compute_dtype, G.device)
+    elif workspace.gram.dtype != compute_dtype or tuple(workspace.iterates[0].shape) != expected:
+        raise ValueError(
+            f"workspace holds {workspace.gram.dtype} {tuple(workspace.iterates[0].shape)} buffers, this call "
+            f"needs {compute_dtype} {expected}: build it with workspace_shape(G.shape, ...) for this dtype"
+        )
+    else:
+        work = workspace
+    for start in range(0, batch, chunk):
+        whole = chunk >= batch
+        rows = batch if whole else min(chunk, batch - start)
+        Y = X if whole else X[start : start + rows]
+        target = flat_out if whole else flat_out[start : start + rows]
+        chunk_work = work if rows == work.gram.shape[0] else work.first(rows)
         # Tall matrices are transposed (a view; _normalize materializes it) so that A = XX^T is
         # min(m, n) square, and transposed back on the way out.
+        _normalize(Y.mT if m > n else Y, chunk_work.iterates[0], eps, scale)
+        if direct:
+            _standard_iterations(chunk_work, schedule, last=target)
+            if out_scale is not None:
+                # Not folded into the last [n, n] factor: the ZeRO-0 step scales the same
+                # orthogonalized bits after its exchange, and both must land on the same bits.
+                target.mul_(out_scale)
+            continue
+        if gram:
+            Y = _gram_iterations(chunk_work.iterates[0], schedule)
+        else:
+            Y = _standard_iterations(chunk_work, schedule)
         Y = Y.mT if m > n else Y
-        Y = iterate(_normalize(Y, compute_dtype, eps, scale), schedule)
-        Y = Y.mT if m > n else Y
-        target = flat_out if whole else flat_out[start : start + chunk]
         if out_scale is None:
             target.copy_(Y)  # also the cast back to out.dtype
         else:
@@ -303,7 +450,17 @@ def orthogonalize(
     return out
 
 
-def _chunk_size(X: torch.Tensor, compute_dtype: torch.dtype) -> int:
+def workspace_shape(
+    shape: Sequence[int], compute_dtype: torch.dtype, device: torch.device
+) -> tuple[int, int, int]:
+    """``(C, n, m)`` of the :class:`Workspace` one :func:`orthogonalize` call on ``shape`` works in:
+    C matrices at a time (a CPU chunk, else all), n <= m their short and long sides."""
+    m, n = shape[-2:]
+    batch = math.prod(shape[:-2])
+    return min(batch, _chunk_size((batch, m, n), compute_dtype, device)), min(m, n), max(m, n)
+
+
+def _chunk_size(shape: Sequence[int], compute_dtype: torch.dtype, device: torch.device) -> int:
     """Matrices per batched call: all of them on accelerators, about 1 MiB of X per call on CPU.
 
     On CPU a 128 x 256 x 512 batch streams 32 MiB through every elementwise pass (normalization,
@@ -316,11 +473,11 @@ def _chunk_size(X: torch.Tensor, compute_dtype: torch.dtype) -> int:
     dispatch-bound, and chunking them would make an optimizer step's op count grow with the
     number of layers (issue 12); the losses chunking fixed were measured at 256 KiB matrices and up.
     """
-    if X.device.type != "cpu":
-        return X.shape[0]
-    matrix_bytes = X.shape[-2] * X.shape[-1] * compute_dtype.itemsize
+    if torch.device(device).type != "cpu":
+        return shape[0]
+    matrix_bytes = shape[-2] * shape[-1] * compute_dtype.itemsize
     if matrix_bytes < _CPU_CHUNK_MIN_MATRIX_BYTES:
-        return X.shape[0]
+        return shape[0]
     return max(1, _CPU_CHUNK_BYTES // matrix_bytes)
 
 

@@ -79,8 +79,10 @@ class Muon(GroupedOptimizer):
         ns_method: "standard" (default; torch's iteration), "gram", "polar_express" or "auto"
             (standard or Gram by device and shape: same iteration, different cost).
         ns_dtype: Newton-Schulz compute dtype: "auto" (default; bf16 for the standard iteration,
-            as torch does; never fp16 on CPU), "bfloat16", "float16" or "float32". Use float32 for
-            parity tests: bf16 amplifies rounding noise in near-null gradient directions.
+            as torch does, on GPUs and on CPUs where torch multiplies bf16 through oneDNN; fp32
+            on other CPUs, whose bf16 GEMM is ~10x slower than fp32; never fp16 on CPU),
+            "bfloat16", "float16" or "float32". Use float32 for parity tests: bf16 amplifies
+            rounding noise in near-null gradient directions.
         betas, adamw_eps: defaults of ``use_muon=False`` groups (their ``eps`` key is AdamW's eps).
         fused, foreach: torch AdamW implementation for ``use_muon=False`` groups; None picks fused
             where supported.
@@ -256,6 +258,7 @@ class Muon(GroupedOptimizer):
         key = (
             tuple(map(id, params)),
             group["ns_method"],
+            group["ns_dtype"],  # sizes the planned Newton-Schulz workspace
             group["adjust_lr_fn"],
             *matrix_view_options(group).values(),
         )

@@ -280,7 +280,7 @@ def plan_muon_step(
         )
         for p in params
     ]
-    return plan_buckets(params, momentum_buffers, layouts)
+    return plan_buckets(params, momentum_buffers, layouts, hyper.ns_dtype)
 
 
 def _negated(value: float | Tensor, finite: Tensor | None) -> float | Tensor:
@@ -325,6 +325,7 @@ def _step_bucket(
         dtype=hyper.ns_dtype,
         out=work,
         out_scale=bucket.step_scale,
+        workspace=bucket.ns_workspace,
     )
     torch._foreach_add_(bucket.params, bucket.work_views)
 

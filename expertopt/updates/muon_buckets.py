@@ -12,7 +12,13 @@ layer. :func:`plan_buckets` decides, once per parameter list, where every matrix
   the Nesterov blend and Newton-Schulz run on it stacked, and the scaled result is written back
   into it and added to the parameters with one ``_foreach_add_``;
 - the per-bucket lr scales (``AdjustLR`` of the bucket's shape) sit in one small tensor, so a
-  tensor lr scales every bucket with one op and no host sync.
+  tensor lr scales every bucket with one op and no host sync;
+- on CPU, one Newton-Schulz **workspace** (:class:`expertopt.kernels.Workspace`) per compute
+  dtype, the size of the largest bucket's (a CPU chunk at most), also shared: glibc hands large
+  freed blocks back to the OS, so buffers allocated per step are page-faulted in again every step
+  (about 10% of the MoE bench step, docs/benchmarks.md). Accelerators allocate per call: their
+  caching allocators reuse blocks, and a buffer held across steps would add to the memory peak
+  of forward and backward.
 
 Every view is built here, at plan time: views are ops too (``aten::view``), and building them per
 step would bring back the per-matrix loop.
@@ -26,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from expertopt.kernels import Workspace, resolve_ns_dtype, workspace_shape
 
 __all__ = ["MatrixGeometry", "MuonBucket", "MuonPartition", "MuonPlan", "plan_buckets"]
 
@@ -60,6 +68,8 @@ class MuonBucket:
     """Parameter-shaped views of ``work``, in ``indices`` order."""
     step_scale: Tensor
     """``[1, 1, 1]`` view of the partition's ``step_scales``: ``-lr * AdjustLR`` this step."""
+    ns_workspace: Workspace | None
+    """Newton-Schulz buffers for this bucket (CPU), views of the partition's shared ones."""
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -100,12 +110,38 @@ def _bucket_keys(params: Sequence[Tensor], layouts: Sequence[MatrixGeometry]) ->
     return buckets
 
 
+def _ns_workspaces(
+    buckets: list[tuple[tuple, list[int]]], sizes: list[int], ns_dtype: str | torch.dtype
+) -> list[Workspace | None]:
+    """Each bucket's Newton-Schulz workspace, cut from one pair of buffers per compute dtype (CPU only)."""
+    device = buckets[0][0][1]
+    if device.type != "cpu":
+        return [None] * len(buckets)
+    shapes = []
+    for ((_, _, (m, n), _, method), _), size in zip(buckets, sizes, strict=True):
+        compute = resolve_ns_dtype(ns_dtype, device, method)
+        shapes.append((compute, workspace_shape((size // (m * n), m, n), compute, device)))
+    numels: dict[torch.dtype, tuple[int, int]] = {}
+    for compute, (batch, short, long) in shapes:
+        iterates, squares = numels.get(compute, (0, 0))
+        numels[compute] = (max(iterates, 2 * batch * short * long), max(squares, 2 * batch * short * short))
+    buffers = {
+        compute: (torch.empty(i, dtype=compute, device=device), torch.empty(q, dtype=compute, device=device))
+        for compute, (i, q) in numels.items()
+    }
+    return [Workspace.inside(*buffers[compute], shape) for compute, shape in shapes]
+
+
 def _plan_partition(
-    params: Sequence[Tensor], layouts: Sequence[MatrixGeometry], buckets: list[tuple[tuple, list[int]]]
+    params: Sequence[Tensor],
+    layouts: Sequence[MatrixGeometry],
+    buckets: list[tuple[tuple, list[int]]],
+    ns_dtype: str | torch.dtype,
 ) -> tuple[MuonPartition, dict[int, Tensor]]:
-    """Allocate one partition's momentum, workspace and scales, and cut every view out of them."""
+    """Allocate one partition's momentum, workspaces and scales, and cut every view out of them."""
     dtype, device = buckets[0][0][:2]
     sizes = [sum(params[i].numel() for i in indices) for _, indices in buckets]
+    ns_workspaces = _ns_workspaces(buckets, sizes, ns_dtype)
     momentum = torch.zeros(sum(sizes), dtype=dtype, device=device)
     work = torch.empty(max(sizes), dtype=dtype, device=device)
     unit_scales = torch.tensor([key[3] for key, _ in buckets], dtype=torch.float32, device=device)
@@ -128,6 +164,7 @@ def _plan_partition(
                 work=work[:offset].view(-1, m, n),
                 work_views=work_views,
                 step_scale=step_scales[slot],
+                ns_workspace=ns_workspaces[slot],
             )
         )
         start += offset
@@ -136,9 +173,13 @@ def _plan_partition(
 
 @torch.no_grad()
 def plan_buckets(
-    params: Sequence[Tensor], momentum_buffers: Sequence[Tensor], layouts: Sequence[MatrixGeometry]
+    params: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    layouts: Sequence[MatrixGeometry],
+    ns_dtype: str | torch.dtype = "auto",
 ) -> MuonPlan:
-    """Stack ``params``' matrices by bucket, adopting the values of ``momentum_buffers``.
+    """Stack ``params``' matrices by bucket, adopting the values of ``momentum_buffers``;
+    Newton-Schulz workspaces are sized for ``ns_dtype`` (a step in another dtype is refused).
 
     The caller replaces its momentum state with ``plan.momentum_views`` (or, for the functional
     API, copies them back after the step). The plan holds the parameters, so their ids stay valid
@@ -149,7 +190,7 @@ def plan_buckets(
         by_partition[key[:2]].append((key, indices))
     partitions, momentum_by_index = [], {}
     for buckets in by_partition.values():
-        partition, views = _plan_partition(params, layouts, buckets)
+        partition, views = _plan_partition(params, layouts, buckets, ns_dtype)
         partitions.append(partition)
         momentum_by_index |= views
     momentum_views = [momentum_by_index[i] for i in range(len(params))]
