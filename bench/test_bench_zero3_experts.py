@@ -95,7 +95,7 @@ def _config(optimizer: str) -> dict[str, Any]:
         zero["reduce_scatter"] = False  # DeepSpeed 0.19.8: "Muon and reduce scatter cannot be used together"
     else:
         placement = optimizer.removeprefix("eo_").partition("@")[0]
-        block = {"type": "Muon", "params": {"lr": LR, "adamw_lr": ADAMW_LR, "expert_placement": placement}}
+        block = {"type": "Muon", "params": {"lr": LR, "adamw_lr": ADAMW_LR, "expert_placement": placement, "ns_dtype": "bfloat16"}}
     return {
         "train_micro_batch_size_per_gpu": BATCH,
         "gradient_accumulation_steps": _accumulation(optimizer),

@@ -10,7 +10,7 @@ step ends for everyone when the slowest is done); the table reports medians over
 the ratios of those medians.
 
 On a CPU with gloo these are relative figures only: Newton-Schulz runs in bf16 for both Muons
-here (expertopt's ``ns_dtype="auto"`` picks bf16 on CPU for the standard method, DeepSpeed's
+here (the bytes benchmark's config pins expertopt's ``ns_dtype="bfloat16"``; DeepSpeed's
 Muon always casts to bf16), and the collectives are loopback copies.
 
 Run from the repository root::
