@@ -35,12 +35,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspe
 
 import torch
 
+from bench.test_bench_zero3_comm import _config as dense_config
+from bench.test_bench_zero3_comm import _state_bytes
 from bench.zero_harness import CommCounter, spawn
 
 WORLD, EP = 4, 2
 EDP = WORLD // EP
 WARMUP, COUNTED = 1, 2  # the warm-up step records ZeRO-3's trace
-LR, ADAMW_LR = 0.02, 3e-4
 D, EXPERTS, EXPERT_HIDDEN, LAYERS, VOCAB, BATCH, SEQ = 64, 8, 128, 2, 256, 2, 16
 # "@gasN": gradient accumulation N (bytes still per optimizer step); the others run GAS 1.
 OPTIMIZERS = ("ds_adamw", "ds_muon", "eo_sharded", "eo_replicated", "eo_sharded@gas2", "eo_replicated@gas2")
@@ -79,32 +80,16 @@ def _model() -> torch.nn.Module:
 
 
 def _config(optimizer: str) -> dict[str, Any]:
-    zero = {
-        "stage": 3,
-        "stage3_param_persistence_threshold": 0,
-        "stage3_max_reuse_distance": 0,
-        "stage3_prefetch_bucket_size": 0,
-    }
-    if optimizer == "ds_adamw":
-        block = {"type": "AdamW", "params": {"lr": ADAMW_LR, "torch_adam": True}}
-    elif optimizer == "ds_muon":
-        block = {
-            "type": "Muon",
-            "params": {"lr": LR, "adam_lr": ADAMW_LR, "ns_method": "standard", "torch_adam": True},
-        }
-        zero["reduce_scatter"] = False  # DeepSpeed 0.19.8: "Muon and reduce scatter cannot be used together"
-    else:
-        placement = optimizer.removeprefix("eo_").partition("@")[0]
-        block = {"type": "Muon", "params": {"lr": LR, "adamw_lr": ADAMW_LR, "expert_placement": placement, "ns_dtype": "bfloat16"}}
-    return {
-        "train_micro_batch_size_per_gpu": BATCH,
-        "gradient_accumulation_steps": _accumulation(optimizer),
-        "gradient_clipping": 1.0,
-        "optimizer": block,
-        "zero_optimization": zero,
-        "expert_parallel": {"enabled": True, "autoep_size": EP, "preset_model": "qwen3_moe"},
-        "steps_per_print": 10**9,
-    }
+    """The dense ZeRO-3 bytes benchmark's config for the same optimizer, with AutoEP, this
+    benchmark's batch and accumulation, weights released after each use, and the placement."""
+    config = dense_config("expertopt_muon" if optimizer.startswith("eo_") else optimizer)
+    config["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    if optimizer.startswith("eo_"):
+        config["optimizer"]["params"]["expert_placement"] = optimizer.removeprefix("eo_").partition("@")[0]
+    config["train_micro_batch_size_per_gpu"] = BATCH
+    config["gradient_accumulation_steps"] = _accumulation(optimizer)
+    config["expert_parallel"] = {"enabled": True, "autoep_size": EP, "preset_model": "qwen3_moe"}
+    return config
 
 
 def _initialize(optimizer: str) -> Any:
@@ -118,16 +103,6 @@ def _initialize(optimizer: str) -> Any:
         return expertopt.initialize(model=model, config=config)[0]
     with transformers_registry_shim(config):
         return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
-
-
-def _state_bytes(engine: Any) -> int:
-    """Bytes of optimizer state tensors this rank holds (momentum, Adam moments; not masters)."""
-    return sum(
-        v.numel() * v.element_size()
-        for state in engine.optimizer.optimizer.state.values()
-        for v in state.values()
-        if torch.is_tensor(v) and v.ndim > 0
-    )
 
 
 def _resident_expert_bytes(engine: Any) -> int:

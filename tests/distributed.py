@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -47,3 +48,23 @@ def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
         return [
             torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
         ]
+
+
+@contextlib.contextmanager
+def counting_newton_schulz() -> Iterator[dict[str, int]]:
+    """Count the matrices this rank orthogonalizes in the distributed step (``counter["matrices"]``),
+    by wrapping its one kernel call for the duration of the block."""
+    import expertopt.distributed.step as step
+
+    kernel = step.orthogonalize_updates
+    counter = {"matrices": 0}
+
+    def counted(matrices, **kwargs):
+        counter["matrices"] += sum(m.reshape(-1, *m.shape[-2:]).shape[0] for m in matrices)
+        return kernel(matrices, **kwargs)
+
+    step.orthogonalize_updates = counted
+    try:
+        yield counter
+    finally:
+        step.orthogonalize_updates = kernel

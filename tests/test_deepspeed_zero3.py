@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 from conftest import ToyMoE, toy_head_groups, toy_head_rules
-from distributed import run_ranks
+from distributed import counting_newton_schulz, run_ranks
 
 import expertopt
 
@@ -77,19 +77,6 @@ def _full_weights(engine) -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
 
 
-def _count_newton_schulz(counter: dict):
-    import expertopt.distributed.step as step
-
-    kernel = step.orthogonalize_updates
-
-    def counted(matrices, **kwargs):
-        counter["matrices"] += sum(m.reshape(-1, *m.shape[-2:]).shape[0] for m in matrices)
-        return kernel(matrices, **kwargs)
-
-    step.orthogonalize_updates = counted
-    return kernel
-
-
 def _train(engine, rank: int, steps: range, accumulation: int) -> None:
     for step in steps:
         for micro in range(accumulation):
@@ -108,15 +95,9 @@ def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> di
         model=model, model_parameters=groups, config=_ds_config(kind, accumulation, clipping)
     )
     ref_opt = _reference_optimizer(kind, reference)
-    counter = {"matrices": 0}
-    kernel = _count_newton_schulz(counter)
     norms = []
-    try:
+    with counting_newton_schulz() as counter:
         _train(engine, rank, range(STEPS), accumulation)
-    finally:
-        import expertopt.distributed.step as step
-
-        step.orthogonalize_updates = kernel
     for step_index in range(STEPS):
         ref_opt.zero_grad()
         for micro in range(accumulation):

@@ -26,7 +26,7 @@ import contextlib
 
 import pytest
 import torch
-from distributed import run_ranks
+from distributed import counting_newton_schulz, run_ranks
 
 import expertopt
 
@@ -164,19 +164,6 @@ def _weight_error(engine, reference, ep_size: int) -> float:
     return error
 
 
-def _count_newton_schulz(counter: dict):
-    import expertopt.distributed.step as step
-
-    kernel = step.orthogonalize_updates
-
-    def counted(matrices, **kwargs):
-        counter["matrices"] += sum(m.reshape(-1, *m.shape[-2:]).shape[0] for m in matrices)
-        return kernel(matrices, **kwargs)
-
-    step.orthogonalize_updates = counted
-    return kernel
-
-
 def _edp_gathers(records: dict, edp_size: int) -> dict[str, int]:
     """All-gather calls over a group of the EDP size (dense parameters gather over all 4 ranks)."""
     calls = dict.fromkeys(("fwd", "bwd", "step"), 0)
@@ -189,15 +176,9 @@ def _edp_gathers(records: dict, edp_size: int) -> dict[str, int]:
 def _parity_case(rank: int, counter, placement: str, ep_size: int, accumulation: int, variant: str) -> dict:
     from test_deepspeed_zero3 import _muon_matrices
 
-    import expertopt.distributed.step as step
-
     engine, reference = _engine(placement, ep_size, accumulation, variant)
-    ns = {"matrices": 0}
-    kernel = _count_newton_schulz(ns)
-    try:
+    with counting_newton_schulz() as ns:
         engine_norms = _train(engine, rank, range(STEPS), accumulation, counter)
-    finally:
-        step.orthogonalize_updates = kernel
         counter.phase = None
     gathers = _edp_gathers(counter.records, WORLD // ep_size)
     persistent = {id(p) for p in engine.optimizer.persistent_parameters}
