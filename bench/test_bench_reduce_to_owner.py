@@ -1,0 +1,292 @@
+"""ZeRO-3 Muon on 4 ranks: reduce-scatter plus gather-to-owner (landed) vs reduce straight to the owner.
+
+Issue 10 asks to try reducing each Muon matrix's gradient straight to its owner instead of
+ZeRO-3's reduce-scatter followed by the gather-to-owner exchange, and to let the measured bytes
+decide. This benchmark builds both at the collective level (no DeepSpeed engine, the library's
+step untouched) on the Muon matrices of the dense ZeRO-3 bench's model (``MUON_SHAPES``), each
+parameter cut into ``WORLD`` chunks as ZeRO-3 partitions it (``param_partition_layout``), every
+rank starting each step from its own unreduced fp32 gradient of every matrix:
+
+- **A, landed**: ``reduce_scatter_tensor`` of the gradients into the partitions (fp32, averaged,
+  what DeepSpeed does), then :func:`sharded_muon_step` on the partition: momentum there, pieces
+  gathered to the owners in fp32, Newton-Schulz, pieces back in the Newton-Schulz dtype.
+- **B, reduce-to-owner**: one coalesced ``reduce`` per owner of the gradients of the matrices it
+  owns (fp32, the same owners), momentum and Newton-Schulz on the whole matrices at the owner,
+  the update sent back to the partition holders with one ``all_to_all_single`` (the landed
+  plan's return trip), applied there with the same arithmetic.
+- **AdamW baseline**: the reduce-scatter alone.
+
+Parity: both paths land on the same partitions after ``STEPS`` steps with fp32 Newton-Schulz.
+Bytes (with bf16 Newton-Schulz, as the ZeRO-3 bench pins): ``CommCounter``'s ring-equivalent
+rule, where a reduce counts ``(g-1)/g * S`` on every rank (its mean over roots), and, per rank,
+the root-aware figure of a pipelined reduce (every non-root sends ``S``, the root nothing). The
+rest of the model's gradients (embeddings, head, norms: AdamW at ZeRO-3) are reduce-scattered
+alike in every variant and reported apart, so whole-model ratios compare with the ZeRO-3 bench.
+
+Run from the repository root::
+
+    DS_ACCELERATOR=cpu python -m pytest bench/test_bench_reduce_to_owner.py -p no:cacheprovider -q
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bench.test_bench_zero3_comm import MUON_SHAPES, WORLD, DenseLM
+from bench.zero_harness import CommCounter, spawn
+
+STEPS = 3  # parity run (fp32 Newton-Schulz)
+BYTE_STEPS = 1  # bytes run (bf16): the same collectives every step, and bf16 Newton-Schulz is slow on CPU
+LR, WEIGHT_DECAY = 0.02, 0.1
+PARITY_ATOL = 1e-6  # fp32 Newton-Schulz; the paths differ only in the order gloo sums the 4 gradients
+MUON_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "ffn_in", "ffn_out")
+
+
+def _hyper(ns_dtype: str):
+    from expertopt.kernels import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS
+    from expertopt.updates.muon import MuonHyperparams
+
+    return MuonHyperparams(
+        lr=LR, weight_decay=WEIGHT_DECAY, momentum=0.95, nesterov=True, ns_method="standard",
+        ns_steps=DEFAULT_NS_STEPS, ns_coefficients=DEFAULT_NS_COEFFICIENTS, ns_dtype=ns_dtype,
+        eps=DEFAULT_EPS, adjust_lr_fn=None,
+    )  # fmt: skip
+
+
+def _rest_shapes() -> list[torch.Size]:
+    """The dense model's parameters that are not Muon matrices (AdamW at ZeRO-3)."""
+    return [p.shape for n, p in DenseLM().named_parameters() if not any(m in n for m in MUON_NAMES)]
+
+
+def _chunks(shapes: list) -> list[int]:
+    """ZeRO-3's partition of each parameter: ``ceil(numel / world)`` elements per rank."""
+    return [math.ceil(math.prod(s) / WORLD) for s in shapes]
+
+
+def _scatter_input(fulls: list[Tensor], chunks: list[int]) -> Tensor:
+    """Rank ``r``'s slot holds its chunk of every parameter, back to back (ZeRO-3's flat partition)."""
+    padded = [
+        torch.nn.functional.pad(f, (0, c * WORLD - f.numel())) for f, c in zip(fulls, chunks, strict=True)
+    ]
+    return torch.cat(
+        [p[r * c : (r + 1) * c] for r in range(WORLD) for p, c in zip(padded, chunks, strict=True)]
+    )
+
+
+def _gradients(rank: int, step: int, shapes: list, seed: int) -> list[Tensor]:
+    """This rank's unreduced gradient of every parameter at ``step`` (flat, fp32)."""
+    generator = torch.Generator().manual_seed(seed + 1000 * step + rank)
+    return [torch.randn(math.prod(s), generator=generator) for s in shapes]
+
+
+def _reduce_scatter(fulls: list[Tensor], chunks: list[int]) -> Tensor:
+    """DeepSpeed's averaged reduce-scatter of the gradients into this rank's flat partition."""
+    send = _scatter_input(fulls, chunks)
+    out = send.new_empty(send.numel() // WORLD)
+    dist.reduce_scatter_tensor(out, send)
+    return out.div_(WORLD)
+
+
+def _step_landed(fulls, partition, momentum, shards, hyper, counter) -> None:
+    from expertopt.distributed.step import sharded_muon_step
+
+    with counter.during("reduce"):
+        grad = _reduce_scatter(fulls, _chunks(MUON_SHAPES))
+    with counter.during("exchange"):
+        sharded_muon_step([partition], [grad], [momentum], shards, hyper)
+
+
+def _reduce_to_owners(fulls: list[Tensor], shards, rooted: list[float]) -> Tensor:
+    """One coalesced fp32 reduce per owner; returns this rank's owned matrices, averaged, back to back.
+
+    ``rooted`` accumulates the root-aware bytes this rank sends (pipelined reduce: a non-root
+    sends the whole buffer once, the root nothing)."""
+    owned = fulls[0].new_empty(0)
+    for owner in range(WORLD):
+        indices = [i for i, o in enumerate(shards.owners) if o == owner]
+        if not indices:
+            continue
+        buffer = torch.cat([fulls[shards.layout.matrices[i].param] for i in indices])
+        dist.reduce(buffer, dst=owner)
+        if owner == shards.rank:
+            owned = buffer.div_(WORLD)
+        else:
+            rooted[0] += buffer.numel() * buffer.element_size()
+    return owned
+
+
+def _return_updates(results: list[Tensor], shards, reply_dtype, like: Tensor) -> Tensor:
+    """Send every partition holder its pieces of the owner's updates (the landed return trip)."""
+    plan = shards.plan
+    flat = (
+        torch.cat([r.reshape(-1) for r in results]).to(reply_dtype)
+        if results
+        else like.new_empty(0, dtype=reply_dtype)
+    )
+    reply = torch.cat([flat[o : o + n] for _, o, n in plan.reply_runs]) if plan.reply_runs else flat[:0]
+    returned = reply.new_empty(sum(plan.update_sizes))
+    dist.all_to_all_single(returned, reply, list(plan.update_sizes), list(plan.reply_sizes))
+    update = torch.zeros_like(like)
+    if plan.update_runs:
+        targets = [update[o : o + n] for _, o, n in plan.update_runs]
+        torch._foreach_copy_(targets, list(returned.split([n for _, _, n in plan.update_runs])))
+    return update
+
+
+def _step_to_owner(fulls, partition, owned_momentum, shards, hyper, counter, rooted) -> None:
+    from expertopt.updates.muon import blend_momentum, orthogonalize_updates
+
+    with counter.during("reduce"):
+        owned = _reduce_to_owners(fulls, shards, rooted)
+    (direction,) = blend_momentum([owned], [owned_momentum], momentum=hyper.momentum, nesterov=hyper.nesterov)
+    matrices = [shards.layout.matrices[i] for i in shards.plan.owned]
+    views = [
+        direction[o : o + m.numel].view(m.rows, m.cols)
+        for o, m in zip(shards.plan.owned_offsets, matrices, strict=True)
+    ]
+    results = orthogonalize_updates(
+        views, method=hyper.ns_method, steps=hyper.ns_steps, coefficients=hyper.ns_coefficients,
+        eps=hyper.eps, dtype=hyper.ns_dtype,
+    ) if views else []  # fmt: skip
+    reply_dtype = shards.reply_dtype(hyper.ns_method, hyper.ns_dtype, partition)
+    with counter.during("exchange"):
+        update = _return_updates(results, shards, reply_dtype, partition)
+    # sharded_muon_step's apply on a ZeRO partition: decay, then one addcmul with the lr factors.
+    partition.mul_(1 - hyper.lr * hyper.weight_decay)
+    (scale,) = shards.lr_scales(hyper.adjust_lr_fn, partition)
+    partition.addcmul_(update, scale, value=-hyper.lr)
+
+
+def _run(rank: int, path: str, ns_dtype: str, steps: int, counter: CommCounter) -> dict[str, Any]:
+    from expertopt.distributed.layout import param_partition_layout
+    from expertopt.distributed.step import ShardedMatrices
+
+    chunks = _chunks(MUON_SHAPES)
+    layout = param_partition_layout(MUON_SHAPES, chunks, WORLD)
+    shards = ShardedMatrices(layout, rank)
+    if any(m.numel != math.prod(s) for m, s in zip(layout.matrices, MUON_SHAPES, strict=True)):
+        raise ValueError("MUON_SHAPES must be 2-D weights: one matrix per parameter")
+    weights = _gradients(0, -1, MUON_SHAPES, seed=7)  # the same initial weights on every rank
+    partition = _scatter_input(weights, chunks).view(WORLD, -1)[rank].clone()
+    momentum = torch.zeros(shards.plan.owned_numel if path == "to_owner" else partition.numel())
+    hyper, rooted = _hyper(ns_dtype), [0.0]
+    counter.reset()
+    for step in range(steps):
+        fulls = _gradients(rank, step, MUON_SHAPES, seed=0)
+        if path == "landed":
+            _step_landed(fulls, partition, momentum, shards, hyper, counter)
+        else:
+            _step_to_owner(fulls, partition, momentum, shards, hyper, counter, rooted)
+        with counter.during("rest"):  # the AdamW parameters' gradients: the same in every variant
+            _reduce_scatter(_gradients(rank, step, _rest_shapes(), seed=50), _chunks(_rest_shapes()))
+    wire = {
+        phase: sum(v[2] for k, v in counter.records.items() if k[0] == phase) / steps
+        for phase in ("reduce", "exchange", "rest")
+    }
+    return {
+        "partition": partition,
+        "wire": wire,
+        "rooted_reduce": rooted[0] / steps,
+        "state_bytes": momentum.numel() * momentum.element_size(),
+        "owners": shards.owners,
+    }
+
+
+def measure(rank: int, world_size: int) -> dict[str, Any]:
+    if world_size != WORLD:
+        raise ValueError(f"world_size must be {WORLD} (the partitions are cut for it), got {world_size}")
+    counter = CommCounter().install()
+    return {
+        (path, ns_dtype): _run(rank, path, ns_dtype, steps, counter)
+        for ns_dtype, steps in (("float32", STEPS), ("bfloat16", BYTE_STEPS))
+        for path in ("landed", "to_owner")
+    }
+
+
+def _per_rank(per_rank: list[dict], path: str) -> list[dict[str, float]]:
+    """Bytes per rank per step (bf16 run): Muon total under the ring rule and root-aware, and the rest."""
+    rows = []
+    for rank in per_rank:
+        run = rank[(path, "bfloat16")]
+        reduce = run["wire"]["reduce"]
+        rooted = run["rooted_reduce"] if path == "to_owner" else reduce
+        rows.append({
+            "reduce": reduce, "exchange": run["wire"]["exchange"], "rest": run["wire"]["rest"],
+            "muon": reduce + run["wire"]["exchange"], "muon_rooted": rooted + run["wire"]["exchange"],
+            "state": run["state_bytes"],
+        })  # fmt: skip
+    return rows
+
+
+def _report(per_rank: list[dict], emit) -> dict[str, float]:
+    info: dict[str, float] = {}
+    landed, to_owner = _per_rank(per_rank, "landed"), _per_rank(per_rank, "to_owner")
+    adamw = statistics.fmean(r["reduce"] for r in landed)  # the reduce-scatter alone
+    rest = statistics.fmean(r["rest"] for r in landed)
+    emit(
+        f"ZeRO-3 Muon gradient paths, {WORLD} ranks, {len(MUON_SHAPES)} Muon matrices, bf16 NS: KiB sent per rank per step"
+    )
+    emit(
+        "  path               reduce  exchange  Muon total  busiest(ring)  busiest(root-aware)  momentum KiB/rank (max)"
+    )
+    emit(f"  AdamW (RS alone)  {adamw / 1024:7.1f} {0:9.1f} {adamw / 1024:11.1f}")
+    for name, rows in (("A landed", landed), ("B reduce-to-owner", to_owner)):
+        mean = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+        info[f"{name}|muon"], info[f"{name}|busiest_rooted"] = (
+            mean["muon"],
+            max(r["muon_rooted"] for r in rows),
+        )
+        info[f"{name}|state_max"] = max(r["state"] for r in rows)
+        emit(
+            f"  {name:<17} {mean['reduce'] / 1024:7.1f} {mean['exchange'] / 1024:9.1f} {mean['muon'] / 1024:11.1f}"
+            f" {max(r['muon'] for r in rows) / 1024:14.1f} {info[f'{name}|busiest_rooted'] / 1024:20.1f}"
+            f" {mean['state'] / 1024:12.1f} ({info[f'{name}|state_max'] / 1024:.1f})"
+        )
+    a, b = info["A landed|muon"], info["B reduce-to-owner|muon"]
+    info.update(ratio_a=a / adamw, ratio_b=b / adamw, ratio_b_a=b / a)
+    info.update(model_a=(a + rest) / (adamw + rest), model_b=(b + rest) / (adamw + rest))
+    info["busiest_b_a"] = info["B reduce-to-owner|busiest_rooted"] / info["A landed|busiest_rooted"]
+    emit(
+        f"  Muon matrices: A/AdamW {info['ratio_a']:.3f}  B/AdamW {info['ratio_b']:.3f}  B/A {info['ratio_b_a']:.3f}"
+        f"  (busiest rank, root-aware: B/A {info['busiest_b_a']:.3f})"
+    )
+    emit(
+        f"  whole model (+{rest / 1024:.1f} KiB AdamW-parameter reduce-scatter in each):"
+        f" A/AdamW {info['model_a']:.3f}  B/AdamW {info['model_b']:.3f}"
+    )
+    info["parity_max_diff"] = max(
+        (rank[("landed", "float32")]["partition"] - rank[("to_owner", "float32")]["partition"])
+        .abs()
+        .max()
+        .item()
+        for rank in per_rank
+    )
+    emit(
+        f"  parity after {STEPS} steps (fp32 NS): max |A - B| = {info['parity_max_diff']:.2e} (atol {PARITY_ATOL:.0e})"
+    )
+    return info
+
+
+def test_reduce_to_owner_bytes_and_parity(benchmark, report_line):
+    per_rank = benchmark.pedantic(spawn, args=(measure, WORLD), rounds=1, iterations=1)
+    info = _report(per_rank, report_line)
+    benchmark.extra_info.update(info)
+    start = _scatter_input(_gradients(0, -1, MUON_SHAPES, seed=7), _chunks(MUON_SHAPES)).view(WORLD, -1)
+    for rank, result in enumerate(per_rank):
+        assert result[("landed", "float32")]["owners"] == result[("to_owner", "float32")]["owners"]
+        landed, to_owner = (
+            result[("landed", "float32")]["partition"],
+            result[("to_owner", "float32")]["partition"],
+        )
+        assert not torch.allclose(landed, start[rank], atol=1e-3)  # the steps moved the weights
+        torch.testing.assert_close(to_owner, landed, atol=PARITY_ATOL, rtol=0)
+    assert info["ratio_b_a"] < 1  # B drops the fp32 gather; the reduce costs the reduce-scatter's ring bytes
