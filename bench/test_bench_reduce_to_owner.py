@@ -198,6 +198,7 @@ def _run(rank: int, path: str, ns_dtype: str, steps: int, counter: CommCounter) 
         "rooted_reduce": rooted[0] / steps,
         "state_bytes": momentum.numel() * momentum.element_size(),
         "owners": shards.owners,
+        "owned": (shards.owned_matrices, shards.plan.owned_numel),
     }
 
 
@@ -270,6 +271,8 @@ def _report(per_rank: list[dict], emit) -> dict[str, float]:
         .item()
         for rank in per_rank
     )
+    owned = [rank[("to_owner", "bfloat16")]["owned"] for rank in per_rank]
+    emit(f"  owners (library's, by Newton-Schulz cost): (matrices, elements) per rank {owned}")
     emit(
         f"  parity after {STEPS} steps (fp32 NS): max |A - B| = {info['parity_max_diff']:.2e} (atol {PARITY_ATOL:.0e})"
     )
