@@ -17,7 +17,7 @@ rank starting each step from its own unreduced fp32 gradient of every matrix:
 - **AdamW baseline**: the reduce-scatter alone.
 
 Parity: both paths land on the same partitions after ``STEPS`` steps with fp32 Newton-Schulz.
-Bytes (with bf16 Newton-Schulz, as the ZeRO-3 bench pins): ``CommCounter``'s ring-equivalent
+Bytes (with bf16 Newton-Schulz, as the ZeRO-3 bench pins; ``BYTE_STEPS`` steps): ``CommCounter``'s ring-equivalent
 rule, where a reduce counts ``(g-1)/g * S`` on every rank (its mean over roots), and, per rank,
 the root-aware figure of a pipelined reduce (every non-root sends ``S``, the root nothing). The
 rest of the model's gradients (embeddings, head, norms: AdamW at ZeRO-3) are reduce-scattered
