@@ -14,10 +14,8 @@ parameter all-gathers in forward and backward are the same for every optimizer; 
 reported in their own column and left out of the compared total, which is the gradient
 reduction (backward) plus everything in ``engine.step``.
 
-The alternative of reducing each Muon matrix's gradient straight to its owner (instead of
-ZeRO-3's reduce-scatter followed by the gather-to-owner) is costed from the measured numbers: a
-reduce to one root moves the same ring bytes as a reduce-scatter, so it would save exactly the
-gather half of the exchange (reported as ``reduce-to-owner``).
+Reducing each Muon matrix's gradient straight to its owner instead (no gather-to-owner) is
+measured at the collective level in ``bench/test_bench_reduce_to_owner.py``.
 
 Run from the repository root::
 
@@ -210,13 +208,6 @@ def _report(per_rank: list[dict], emit) -> dict[str, float]:
         f"  expertopt/AdamW {eo / adamw:.3f} [{'ok' if eo / adamw <= 1.5 else 'MISS'} <= 1.5]"
         f"   expertopt/DS Muon {eo / ds_muon:.3f} [{'ok' if eo / ds_muon <= 0.35 else 'MISS'} <= 0.35]"
         f"   DS Muon/AdamW {ds_muon / adamw:.3f}"
-    )
-    # Reduce-to-owner: same ring bytes as the reduce-scatter, no gather. The exchange is half
-    # gather (fp32 out) and half return (reply dtype); the gather is the fp32 part.
-    gather = info["expertopt_muon|exchange"] * 4 / (4 + 2)  # fp32 out, bf16 back (ns_dtype pinned)
-    emit(
-        f"  reduce-to-owner (costed): {(eo - gather) / adamw:.3f}x AdamW (saves the gather, "
-        f"{gather / 1024:.1f} KiB of {info['expertopt_muon|exchange'] / 1024:.1f} KiB exchange)"
     )
     total_flops = sum(ns_flops(s, method="standard") for s in MUON_SHAPES)
     flops = [rank["expertopt_muon"]["ns_flops"] for rank in per_rank]
