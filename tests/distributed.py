@@ -34,6 +34,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears gloo down while a peer's last collective may still be in flight on its
+        # sockets (a torn-down pair aborted a rank in CI: "terminate called without an active
+        # exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
