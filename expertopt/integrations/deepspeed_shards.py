@@ -31,12 +31,14 @@ from expertopt.distributed.step import ShardedMatrices
 from expertopt.optim.muon import Muon
 from expertopt.updates.muon import matrix_view_options
 
-__all__ = ["bf16_optimizer_placements", "zero0_placements", "zero12_placements"]
+__all__ = ["bf16_optimizer_placements", "shard_unit", "zero0_placements", "zero12_placements"]
 
 Placements = list[tuple[Tensor, ShardedMatrices]]
 
 
-def _unit(layout, group: dict[str, Any], process_group: Any, like: Tensor) -> ShardedMatrices:
+def shard_unit(layout, group: dict[str, Any], process_group: Any, like: Tensor) -> ShardedMatrices:
+    """The unit stepping ``layout`` over ``process_group``, costed by the group's Newton-Schulz
+    method and steps, on ``like``'s device (every DeepSpeed stage builds its units here)."""
     return ShardedMatrices(
         layout,
         dist.get_rank(group=process_group),
@@ -63,7 +65,7 @@ def zero12_placements(optimizer: Muon, zero: Any) -> Placements:
             **matrix_view_options(group),
         )
         flat = zero.single_partition_of_fp32_groups[index]
-        placements.append((flat, _unit(layout, group, process_group, flat)))
+        placements.append((flat, shard_unit(layout, group, process_group, flat)))
     return placements
 
 
@@ -96,7 +98,7 @@ def bf16_optimizer_placements(optimizer: Muon, bf16: Any) -> Placements:
                 f"BF16_Optimizer group {index}: flat partition of {flat.numel()} elements, expected "
                 f"{layout.buffer_numels[0]} (DeepSpeed layout changed?)"
             )
-        placements.append((flat, _unit(layout, group, process_group, flat)))
+        placements.append((flat, shard_unit(layout, group, process_group, flat)))
     return placements
 
 
@@ -137,6 +139,6 @@ def zero0_placements(engine: Any, optimizer: Muon) -> Placements:
                 ds_dist.get_world_size(group=process_group),
                 **matrix_view_options(group),
             )
-            unit = _unit(layout, group, process_group, params[0])
+            unit = shard_unit(layout, group, process_group, params[0])
             placements.extend((param, unit) for param in params)
     return placements

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import is_invalid_grad_norm
 
 from expertopt.distributed.layout import param_partition_layout
-from expertopt.distributed.step import ShardedMatrices
+from expertopt.integrations.deepspeed_shards import shard_unit
 from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
 from expertopt.updates.muon import matrix_view_options
@@ -95,15 +95,7 @@ def zero3_placements(optimizer: Muon, zero: Any) -> list:
                 f"ZeRO-3 sub-group {sub_group}: flat partition of {flat.numel()} elements, expected "
                 f"{layout.buffer_numels[0]} from its parameters' partitions (DeepSpeed layout changed?)"
             )
-        unit = ShardedMatrices(
-            layout,
-            dist.get_rank(group=process_group),
-            process_group,
-            ns_method=group["ns_method"],
-            ns_steps=group["ns_steps"],
-            device=flat.device,
-        )
-        placements.append((flat, unit))
+        placements.append((flat, shard_unit(layout, group, process_group, flat)))
     return placements
 
 
