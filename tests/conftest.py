@@ -72,3 +72,19 @@ def toy_head_rules() -> list:
     from expertopt.param_groups import Rule
 
     return [Rule(f"^{name}$".replace(".", r"\."), {"num_heads": count}) for name, count in TOY_HEADS.items()]
+
+
+def assert_compiled_step_matches_eager(build) -> None:
+    """Two optimizers from ``build()`` step once eagerly; then one steps through
+    ``torch.compile(optimizer.step, fullgraph=True)`` (a graph break fails) and the other eagerly
+    again: every parameter must come out bit-identical."""
+    optimizer, twin = build(), build()
+    optimizer.step()
+    twin.step()
+    torch._dynamo.reset()
+    torch.compile(optimizer.step, fullgraph=True, backend="eager")()
+    twin.step()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)

@@ -13,6 +13,7 @@ import io
 
 import pytest
 import torch
+from conftest import assert_compiled_step_matches_eager
 
 import expertopt
 from bench.probe import ProbeMoE, count_step_ops
@@ -172,16 +173,7 @@ def test_whole_step_of_a_muon_only_optimizer_compiles_without_graph_breaks():
         groups = [g for g in expertopt.build_param_groups(model) if g["use_muon"]]
         return expertopt.Muon(groups, lr=torch.tensor(0.02), capturable=True)
 
-    optimizer, twin = build(), build()
-    optimizer.step()
-    twin.step()
-    torch._dynamo.reset()
-    torch.compile(optimizer.step, fullgraph=True, backend="eager")()
-    twin.step()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    twin_params = [p for g in twin.param_groups for p in g["params"]]
-    for p, q in zip(params, twin_params, strict=True):
-        assert torch.equal(p, q)
+    assert_compiled_step_matches_eager(build)
 
 
 def test_orthogonalize_writes_scaled_result_into_out_even_when_out_is_the_input():
