@@ -29,6 +29,7 @@ The collectives, their buffers and the ``wire`` rule are the package's own
 from __future__ import annotations
 
 import collections
+import faulthandler
 import logging
 import os
 import socket
@@ -69,9 +70,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
-        LOCAL_SIZE=str(world_size),
         DS_ACCELERATOR="cpu",
-    )
+    )  # no LOCAL_SIZE: DeepSpeed would leave a 69 MB /dev/shm buffer per rank behind (demo.py)
+    faulthandler.enable()  # a rank that dies on a signal prints its Python stack
     torch.set_num_threads(1)
     import deepspeed
     from deepspeed.utils import logger
@@ -81,6 +82,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while a peer's last collective is in flight
     except Exception:
         traceback.print_exc()
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import socket
 import tempfile
@@ -29,6 +30,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         LOCAL_RANK=str(rank),
         DS_ACCELERATOR="cpu",
     )
+    faulthandler.enable()  # a rank that dies on a signal prints its Python stack
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:

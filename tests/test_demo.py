@@ -213,7 +213,17 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoConfig, dic
         out=tmp_path_factory.mktemp("demo"), progress=False,
     )  # fmt: skip
     lines: list[str] = []
-    return config, run_demo(config, print_fn=lines.append), lines
+    shm_before = _deepspeed_shm_buffers()
+    result = run_demo(config, print_fn=lines.append)
+    # DeepSpeed's CPU shared-memory all-reduce buffers (69 MB a rank, never unlinked) must not be
+    # created: a run may not leave RAM behind in /dev/shm.
+    assert _deepspeed_shm_buffers() == shm_before
+    return config, result, lines
+
+
+def _deepspeed_shm_buffers() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
 
 
 @pytest.mark.slow
