@@ -45,6 +45,13 @@ def test_capturable_step_has_no_host_sync():
     # aten::_local_scalar_dense is what .item(), bool(tensor) and float(tensor) dispatch.
     optimizer = _probe_optimizer(2, lr=torch.tensor(0.02), capturable=True)
     assert count_step_ops(optimizer).ops["_local_scalar_dense"] == 0
+    # The same with the tensor lr in the group itself (a plain parameter list).
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(2)]
+    for param in params:
+        param.grad = torch.randn(8, 8)
+    optimizer = expertopt.Muon(params, lr=torch.tensor(0.02), capturable=True)
+    optimizer.step()
+    assert count_step_ops(optimizer).ops["_local_scalar_dense"] == 0
     # The default reads the non-finite flag once, after the step is queued, to warn.
     assert count_step_ops(_probe_optimizer(2)).ops["_local_scalar_dense"] == 1
 
