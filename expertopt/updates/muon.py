@@ -304,8 +304,9 @@ def _step_bucket(
     """Momentum, Nesterov, Newton-Schulz and update for one bucket: a fixed number of ops.
 
     ``work`` holds the gradients (one ``_foreach_copy_``), then the Nesterov direction, then
-    ``-lr * AdjustLR * NS(direction)`` in the parameter dtype (written by ``orthogonalize``, whose
-    normalization is the one cast into the Newton-Schulz dtype). A skipped step (``skipped`` 1)
+    ``-lr * AdjustLR * NS(direction)`` in the parameter dtype (written by ``orthogonalize``: in
+    fp32 its first product reads ``work`` itself, in half precision its normalization is the one
+    cast into the Newton-Schulz dtype). A skipped step (``skipped`` 1)
     replaces the gradients by the momentum, so momentum keeps its value exactly (lerp towards
     itself), and its update scale is 0.
     """
