@@ -97,6 +97,19 @@ def test_fp32_polynomial_forms_equal_the_reference_loop(coefficients):
     )
 
 
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("shape", [(3, 12, 20), (3, 20, 12)])
+def test_in_place_result_equals_a_fresh_one(steps, shape):
+    # The optimizer step writes the result over its input (out=G): fp32 reads the input in the
+    # first product only (normalization folded in), so the last product may overwrite it, except
+    # with a single iteration, which normalizes into the workspace as before.
+    G = gaussian(*shape)
+    expected = orthogonalize(G, steps=steps, dtype="float32")
+    in_place = G.clone()
+    assert orthogonalize(in_place, steps=steps, dtype="float32", out=in_place) is in_place
+    assert torch.equal(in_place, expected)
+
+
 def test_planned_workspace_is_reused_and_must_fit():
     G = gaussian(6, 24, 40)
     shape = newton_schulz.workspace_shape(G.shape, torch.float32, CPU)

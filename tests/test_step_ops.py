@@ -45,6 +45,13 @@ def test_capturable_step_has_no_host_sync():
     # aten::_local_scalar_dense is what .item(), bool(tensor) and float(tensor) dispatch.
     optimizer = _probe_optimizer(2, lr=torch.tensor(0.02), capturable=True)
     assert count_step_ops(optimizer).ops["_local_scalar_dense"] == 0
+    # The same with the tensor lr in the group itself (a plain parameter list).
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(2)]
+    for param in params:
+        param.grad = torch.randn(8, 8)
+    optimizer = expertopt.Muon(params, lr=torch.tensor(0.02), capturable=True)
+    optimizer.step()
+    assert count_step_ops(optimizer).ops["_local_scalar_dense"] == 0
     # The default reads the non-finite flag once, after the step is queued, to warn.
     assert count_step_ops(_probe_optimizer(2)).ops["_local_scalar_dense"] == 1
 
@@ -105,12 +112,34 @@ def test_functional_step_without_a_plan_equals_the_planned_one():
         assert torch.equal(b, view)
 
 
-def test_masked_step_leaves_params_and_momentum_bit_identical():
-    params, grads, buffers = _stacks()
+def _stacks_in(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    return tuple([t.to(dtype) for t in tensors] for tensors in _stacks())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_masked_step_leaves_params_and_momentum_bit_identical(dtype, bad):
+    params, grads, buffers = _stacks_in(dtype)
     before_params, before_buffers = copy.deepcopy(params), copy.deepcopy(buffers)
-    grads[1][3, 4] = float("nan")
+    grads[1][3, 4] = bad
+    grads[0][1, 2, 3] = -bad
+    grads[2][0, 0] = 1e30  # finite beside the bad values: a skipped step must not orthogonalize it
     muon_step(params, grads, buffers, HYPER, is_expert=True, finite=torch.tensor(False))
     for p, q in zip(params + buffers, before_params + before_buffers, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmasked_step_equals_the_step_without_a_guard_bitwise(dtype):
+    # The mask (gradients lerped towards the momentum with weight 0) must not move a single bit.
+    # No weight decay: unguarded it is a float, guarded a tensor, and torch's bf16 foreach multiply
+    # rounds those two differently (one bf16 ulp, before and after the mask changed).
+    hyper = dataclasses.replace(HYPER, weight_decay=0.0)
+    params, grads, buffers = _stacks_in(dtype)
+    guarded_params, guarded_buffers = copy.deepcopy(params), copy.deepcopy(buffers)
+    muon_step(params, grads, buffers, hyper, is_expert=True)
+    muon_step(guarded_params, grads, guarded_buffers, hyper, is_expert=True, finite=torch.tensor(True))
+    for p, q in zip(params + buffers, guarded_params + guarded_buffers, strict=True):
         assert torch.equal(p, q)
 
 

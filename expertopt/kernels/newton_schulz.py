@@ -204,14 +204,15 @@ def _coefficient_schedule(
 
 
 class Workspace(NamedTuple):
-    """Newton-Schulz buffers on a wide batch ``[C, n, m]`` (n <= m), reused by every iteration and
+    """Newton-Schulz buffers on a batch ``[C, rows, cols]`` (see :func:`workspace_shape`; ``[C, n, n]``
+    squares, n = min(rows, cols)), reused by every iteration and
     chunk of a call (issue 12), and by every step when an optimizer plans them (``workspace=`` of
     :func:`orthogonalize`, shape from :func:`workspace_shape`). A fresh output per product costs
     page faults on CPU, where the allocator hands large blocks back to the OS: measured 15% of the
     iterations' time on the MoE bench model's buckets (docs/benchmarks.md)."""
 
     iterates: tuple[torch.Tensor, torch.Tensor]
-    """``[C, n, m]`` twice: the normalized input lands in the first, iteration k writes ``k + 1 mod 2``."""
+    """``[C, rows, cols]`` twice: the normalized input lands in the first, iteration k writes ``k + 1 mod 2``."""
     gram: torch.Tensor
     """``[C, n, n]``: A = X X^T."""
     poly: torch.Tensor
@@ -221,16 +222,20 @@ class Workspace(NamedTuple):
     """Diagonal views, made once per call: views are ops too (issue 12)."""
 
     @classmethod
-    def allocate(cls, batch: int, n: int, m: int, dtype: torch.dtype, device: torch.device) -> Workspace:
-        iterates = torch.empty(2, batch, n, m, dtype=dtype, device=device).unbind()
+    def allocate(
+        cls, batch: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+    ) -> Workspace:
+        n = min(rows, cols)
+        iterates = torch.empty(2, batch, rows, cols, dtype=dtype, device=device).unbind()
         return cls.around(iterates, torch.empty(2, batch, n, n, dtype=dtype, device=device).unbind())
 
     @classmethod
     def inside(cls, iterates: torch.Tensor, squares: torch.Tensor, shape: tuple[int, int, int]) -> Workspace:
-        """Views of two flat buffers (of at least ``2 C n m`` and ``2 C n n`` elements)."""
-        batch, n, m = shape
+        """Views of two flat buffers (of at least ``2 C rows cols`` and ``2 C n n`` elements)."""
+        batch, rows, cols = shape
+        n = min(rows, cols)
         return cls.around(
-            iterates[: 2 * batch * n * m].view(2, batch, n, m).unbind(),
+            iterates[: 2 * batch * rows * cols].view(2, batch, rows, cols).unbind(),
             squares[: 2 * batch * n * n].view(2, batch, n, n).unbind(),
         )
 
@@ -290,10 +295,34 @@ def _fp32_polynomial(work: Workspace, a: float, b: float, c: float) -> None:
     work.poly_diagonal.add_(gamma)
 
 
+def _iterates_tall(m: int, n: int, compute_dtype: torch.dtype, method: str) -> bool:
+    """Whether fp32 iterates tall ``[m, n]`` matrices as they are stored (see :func:`_standard_iterations`)
+    rather than transposed: half precision keeps torch's transpose, and Gram NS its own iteration."""
+    return m > n and compute_dtype == torch.float32 and method != "gram"
+
+
+def _normalize_gram(work: Workspace, eps: float, scale: float) -> torch.Tensor:
+    """Turn ``work.gram = X X^T`` of unnormalized X into that of ``X / max(scale ||X||_F, eps)``, and
+    return ``1 / max(scale ||X||_F, eps)`` as ``[C, 1, 1]``: ``||X||_F^2 = tr(X X^T)`` per matrix."""
+    squares = work.gram_diagonal.sum(-1, keepdim=True).unsqueeze(-1)
+    if scale != 1.0:
+        squares.mul_(scale * scale)
+    inverse_squares = squares.clamp_(min=eps * eps).reciprocal_()
+    work.gram.mul_(inverse_squares)
+    return inverse_squares.sqrt_()
+
+
 def _standard_iterations(
-    work: Workspace, schedule: list[tuple[float, float, float]], last: torch.Tensor | None = None
+    work: Workspace,
+    schedule: list[tuple[float, float, float]],
+    last: torch.Tensor | None = None,
+    *,
+    tall: bool = False,
+    unnormalized: torch.Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """Quintic NS on the wide batch in ``work.iterates[0]``: X <- aX + (bA + cA^2)X with A = XX^T.
+    """Quintic NS on the batch in ``work.iterates[0]``: X <- aX + (bA + cA^2)X with A = XX^T.
 
     In half precision ``aX + (bA + cA^2) X`` is torch.optim.Muon's, product for product (two
     baddbmm, as its addmm; bitwise torch's, see the module docstring). In fp32 (issue 12) the
@@ -302,26 +331,40 @@ def _standard_iterations(
     input into the result, one memory pass per iteration (on the MoE bench model on CPU a
     quarter of the step's time outside its GEMMs). Same polynomial, other fp32 rounding.
 
-    fp32 only: ``last`` (contiguous, fp32, ``[C, n, m]`` or its transpose ``[C, m, n]``) receives
-    the final product directly, so the transpose back and the write are no extra pass (a
-    transposing copy ran at a quarter of a contiguous one's rate on the bench CPU). Returns the result.
+    fp32 only: ``tall`` iterates ``[C, m, n]`` matrices (m > n) as stored, on the right:
+    A = X^T X and X <- X P, the same polynomial (X (X^T X) = (X X^T) X) with the same small
+    ``[n, n]`` Gram matrix, so no pass transposes X in or out (a transposing copy ran at a
+    quarter of a contiguous one's rate on the bench CPU: 2 ms of the MoE bench step). ``last``
+    (contiguous, fp32, the iterate's shape) receives the final product directly.
+
+    fp32 only, with ``unnormalized`` (contiguous fp32 input in the iterate's shape, not aliasing
+    ``last`` unless there are two iterations or more): the normalization is folded into the first
+    iteration: its Gram matrix is scaled by ``1 / ||X||^2`` (``||X||^2`` is its trace) and its
+    polynomial by ``1 / ||X||``, so the input is read by the first product and by nothing else (a
+    norm and a division pass over every matrix saved: 1.3 ms of the MoE bench step).
+    ``||X||^2`` stays within fp32 wherever the norm itself does; a step's guard rejects any
+    gradient whose norm does not (``finite_flag``). Returns the result.
     """
     fold = work.gram.dtype == torch.float32
-    X = work.iterates[0]
+    X = work.iterates[0] if unnormalized is None else unnormalized
     for k, (a, b, c) in enumerate(schedule):
-        torch.bmm(X, X.mT, out=work.gram)
+        if tall:
+            torch.bmm(X.mT, X, out=work.gram)
+        else:
+            torch.bmm(X, X.mT, out=work.gram)
         following = work.iterates[(k + 1) % 2]
         if not fold:
             torch.baddbmm(work.gram, work.gram, work.gram, beta=b, alpha=c, out=work.poly)
             X = torch.baddbmm(X, work.poly, X, beta=a, out=following)
             continue
+        inverse_norm = _normalize_gram(work, eps, scale) if k == 0 and unnormalized is not None else None
         _fp32_polynomial(work, a, b, c)
-        if k < len(schedule) - 1 or last is None:
-            X = torch.bmm(work.poly, X, out=following)
-            continue
-        if last.shape[-2:] == X.shape[-2:]:
-            return torch.bmm(work.poly, X, out=last)
-        return torch.bmm(X.mT, work.poly.mT, out=last)  # (P X)^T, written in the stored layout
+        if inverse_norm is not None:
+            work.poly.mul_(inverse_norm)  # P (X / ||X||) = (P / ||X||) X
+        if k == len(schedule) - 1 and last is not None:
+            following = last
+        # P is symmetric (a polynomial in the symmetric A), so X P is the transpose of P X^T.
+        X = torch.bmm(X, work.poly, out=following) if tall else torch.bmm(work.poly, X, out=following)
     return X
 
 
@@ -379,6 +422,10 @@ def orthogonalize(
     layout and scaled in place, otherwise the cast back, the transpose of tall matrices and the
     scaling are one pass. ``workspace`` (see :class:`Workspace`) holds the iteration's buffers
     across calls; without it the call allocates them.
+
+    fp32 in and out (and more than one iteration): the normalization is folded into the first
+    iteration (see :func:`_standard_iterations`); a matrix whose Frobenius norm overflows fp32
+    (entries of ~1e17 and up) then gives NaN where the division gave zeros.
     """
     if not isinstance(G, torch.Tensor) or G.ndim < 2:
         shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
@@ -393,6 +440,7 @@ def orthogonalize(
     compute_dtype = resolve_ns_dtype(dtype, G.device, method)
 
     m, n = G.shape[-2:]
+    tall = _iterates_tall(m, n, compute_dtype, method)
     if out is None:
         out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
     elif out.shape != G.shape or not out.is_contiguous():
@@ -412,7 +460,7 @@ def orthogonalize(
     flat_out = out if out.ndim == 3 else out.view(-1, m, n)
     batch = X.shape[0]
     chunk = _chunk_size(X.shape, compute_dtype, X.device)
-    expected = workspace_shape(G.shape, compute_dtype, G.device)
+    expected = workspace_shape(G.shape, compute_dtype, G.device, method)
     if workspace is None:
         work = Workspace.allocate(*expected, compute_dtype, G.device)
     elif workspace.gram.dtype != compute_dtype or tuple(workspace.iterates[0].shape) != expected:
@@ -429,20 +477,25 @@ def orthogonalize(
         target = flat_out if whole else flat_out[start : start + rows]
         chunk_work = work if rows == work.gram.shape[0] else work.first(rows)
         # Tall matrices are transposed (a view; _normalize materializes it) so that A = XX^T is
-        # min(m, n) square, and transposed back on the way out.
-        _normalize(Y.mT if m > n else Y, chunk_work.iterates[0], eps, scale)
+        # min(m, n) square, and transposed back on the way out; fp32 iterates them as they are.
+        transpose = m > n and not tall
+        if direct and len(schedule) > 1 and Y.is_contiguous():
+            # fp32 in and out: the normalization is folded into the first iteration.
+            _standard_iterations(
+                chunk_work, schedule, last=target, tall=tall, unnormalized=Y, eps=eps, scale=scale
+            )
+            _scale_in_place(target, out_scale)
+            continue
+        _normalize(Y.mT if transpose else Y, chunk_work.iterates[0], eps, scale)
         if direct:
-            _standard_iterations(chunk_work, schedule, last=target)
-            if out_scale is not None:
-                # Not folded into the last [n, n] factor: the ZeRO-0 step scales the same
-                # orthogonalized bits after its exchange, and both must land on the same bits.
-                target.mul_(out_scale)
+            _standard_iterations(chunk_work, schedule, last=target, tall=tall)
+            _scale_in_place(target, out_scale)
             continue
         if gram:
             Y = _gram_iterations(chunk_work.iterates[0], schedule)
         else:
-            Y = _standard_iterations(chunk_work, schedule)
-        Y = Y.mT if m > n else Y
+            Y = _standard_iterations(chunk_work, schedule, tall=tall)
+        Y = Y.mT if transpose else Y
         if out_scale is None:
             target.copy_(Y)  # also the cast back to out.dtype
         else:
@@ -450,14 +503,25 @@ def orthogonalize(
     return out
 
 
+def _scale_in_place(target: torch.Tensor, out_scale: torch.Tensor | None) -> None:
+    """Scale a result written in place. Not folded into the last ``[n, n]`` factor: the ZeRO-0 step
+    scales the same orthogonalized bits after its exchange, and both must land on the same bits."""
+    if out_scale is not None:
+        target.mul_(out_scale)
+
+
 def workspace_shape(
-    shape: Sequence[int], compute_dtype: torch.dtype, device: torch.device
+    shape: Sequence[int], compute_dtype: torch.dtype, device: torch.device, method: str = "standard"
 ) -> tuple[int, int, int]:
-    """``(C, n, m)`` of the :class:`Workspace` one :func:`orthogonalize` call on ``shape`` works in:
-    C matrices at a time (a CPU chunk, else all), n <= m their short and long sides."""
+    """``(C, rows, cols)`` of the iterates of the :class:`Workspace` one :func:`orthogonalize` call on
+    ``shape`` with the resolved ``method`` works in: C matrices at a time (a CPU chunk, else all),
+    each wide (short side first, the transpose of a tall matrix) or, in fp32, as stored."""
     m, n = shape[-2:]
     batch = math.prod(shape[:-2])
-    return min(batch, _chunk_size((batch, m, n), compute_dtype, device)), min(m, n), max(m, n)
+    chunk = min(batch, _chunk_size((batch, m, n), compute_dtype, device))
+    if _iterates_tall(m, n, compute_dtype, method):
+        return chunk, m, n
+    return chunk, min(m, n), max(m, n)
 
 
 def _chunk_size(shape: Sequence[int], compute_dtype: torch.dtype, device: torch.device) -> int:

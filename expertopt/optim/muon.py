@@ -300,6 +300,10 @@ class Muon(GroupedOptimizer):
                 plan=plan,
                 finite=guard.finite if guard is not None else None,
             )
+        if not units:
+            return
+        # Sharded units take a float lr (their exchange syncs anyway); reading a tensor lr here
+        # for whole parameters too was a host sync in every capturable step.
         hyper = MuonHyperparams.from_group(group, effective_lr(group))
         for unit, params in units.values():
             if len(params) != len(unit.layout.buffer_numels):

@@ -120,11 +120,12 @@ def _ns_workspaces(
     shapes = []
     for ((_, _, (m, n), _, method), _), size in zip(buckets, sizes, strict=True):
         compute = resolve_ns_dtype(ns_dtype, device, method)
-        shapes.append((compute, workspace_shape((size // (m * n), m, n), compute, device)))
+        shapes.append((compute, workspace_shape((size // (m * n), m, n), compute, device, method)))
     numels: dict[torch.dtype, tuple[int, int]] = {}
-    for compute, (batch, short, long) in shapes:
+    for compute, (batch, rows, cols) in shapes:
         iterates, squares = numels.get(compute, (0, 0))
-        numels[compute] = (max(iterates, 2 * batch * short * long), max(squares, 2 * batch * short * short))
+        short = min(rows, cols)
+        numels[compute] = (max(iterates, 2 * batch * rows * cols), max(squares, 2 * batch * short * short))
     buffers = {
         compute: (torch.empty(i, dtype=compute, device=device), torch.empty(q, dtype=compute, device=device))
         for compute, (i, q) in numels.items()
