@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,12 +24,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from expertopt.distributed._plan import ExchangePlan, assign_owners, matrix_costs, plan_exchange
-from expertopt.distributed._runtime import exact_wire_dtype, exchange_orthogonalize
+from expertopt.distributed._runtime import exact_wire_dtype, exchange_orthogonalize, owned_views, send_back
 from expertopt.distributed.layout import ShardLayout
 from expertopt.kernels import DEFAULT_NS_STEPS
 from expertopt.updates.muon import MuonHyperparams, adjusted_lr, blend_momentum, orthogonalize_updates
 
-__all__ = ["ShardedMatrices", "check_agreement", "place", "sharded_muon_step", "shards_of"]
+__all__ = ["ShardedMatrices", "check_agreement", "owner_muon_step", "place", "sharded_muon_step", "shards_of"]
 
 _ATTRIBUTE = "expertopt_shards"
 
@@ -37,7 +37,14 @@ _ATTRIBUTE = "expertopt_shards"
 @dataclass(eq=False)
 class ShardedMatrices:
     """One unit as this rank sees it: layout, owners (costed by the group's Newton-Schulz method
-    and step count), exchange plan, process group."""
+    and step count), exchange plan, process group.
+
+    ``gradients_at_owner``: the engine reduces each matrix's gradient straight to its owner, into
+    :attr:`owned_gradient` (fp32, ``plan.owned_numel`` elements laid out as ``plan.owned_offsets``),
+    instead of handing every rank a reduced partition; momentum then lives at the owner too
+    (:meth:`new_momentum`) and the step is :func:`owner_muon_step`. The engine adapter fills the
+    buffer during backward and zeroes it after every engine step.
+    """
 
     layout: ShardLayout
     rank: int
@@ -47,6 +54,8 @@ class ShardedMatrices:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owners: tuple[int, ...] = ()
     plan: ExchangePlan | None = None
+    gradients_at_owner: bool = False
+    owned_gradient: Tensor | None = field(default=None, repr=False)
     _scales: dict[str | None, list[tuple[int, int, str] | Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +63,8 @@ class ShardedMatrices:
             costs = matrix_costs(self.layout, self.ns_method, self.ns_steps, self.device)
             self.owners = assign_owners(self.layout, costs)
         self.plan = plan_exchange(self.layout, self.owners, self.rank)
+        if self.gradients_at_owner:
+            self.owned_gradient = torch.zeros(self.plan.owned_numel, dtype=torch.float32, device=self.device)
 
     @property
     def owned_matrices(self) -> int:
@@ -65,7 +76,15 @@ class ShardedMatrices:
         return (_unplaced, ())
 
     def fingerprint(self) -> bytes:
-        return hashlib.sha256(self.layout.fingerprint() + repr(self.owners).encode()).digest()
+        described = self.layout.fingerprint() + repr((self.owners, self.gradients_at_owner)).encode()
+        return hashlib.sha256(described).digest()
+
+    def new_momentum(self, buffer: Tensor) -> Tensor:
+        """A zero momentum buffer for ``buffer``: like it, or the owned matrices' flat buffer
+        when gradients arrive at the owner."""
+        if self.gradients_at_owner:
+            return torch.zeros(self.plan.owned_numel, dtype=buffer.dtype, device=buffer.device)
+        return torch.zeros_like(buffer, memory_format=torch.preserve_format)
 
     def reply_dtype(self, ns_method: str, ns_dtype: str | torch.dtype, like: Tensor) -> torch.dtype:
         """The dtype orthogonalized pieces travel back in (see ``exact_wire_dtype``)."""
@@ -134,16 +153,7 @@ def check_agreement(units: Iterable[ShardedMatrices]) -> None:
             )
 
 
-def sharded_muon_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    shards: ShardedMatrices,
-    hyper: MuonHyperparams,
-) -> None:
-    """One Muon step on this rank's local buffers ``params`` of a unit, in layout order."""
-    directions = blend_momentum(grads, momentum_buffers, momentum=hyper.momentum, nesterov=hyper.nesterov)
-
+def _orthogonalizer(hyper: MuonHyperparams) -> Callable[[list[Tensor]], list[Tensor]]:
     def orthogonalize_owned(matrices: list[Tensor]) -> list[Tensor]:
         return orthogonalize_updates(
             matrices,
@@ -154,11 +164,49 @@ def sharded_muon_step(
             dtype=hyper.ns_dtype,
         )
 
+    return orthogonalize_owned
+
+
+def sharded_muon_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    shards: ShardedMatrices,
+    hyper: MuonHyperparams,
+) -> None:
+    """One Muon step on this rank's local buffers ``params`` of a unit, in layout order."""
+    directions = blend_momentum(grads, momentum_buffers, momentum=hyper.momentum, nesterov=hyper.nesterov)
     reply_dtype = shards.reply_dtype(hyper.ns_method, hyper.ns_dtype, params[0])
     updates = exchange_orthogonalize(
-        [d.reshape(-1) for d in directions], shards.layout, shards.plan, orthogonalize_owned, shards.group,
+        [d.reshape(-1) for d in directions], shards.layout, shards.plan, _orthogonalizer(hyper), shards.group,
         reply_dtype,
     )  # fmt: skip
+    _apply_updates(params, updates, shards, hyper)
+
+
+def owner_muon_step(
+    params: list[Tensor], momentum: Tensor, shards: ShardedMatrices, hyper: MuonHyperparams
+) -> None:
+    """One Muon step of a unit whose gradients were reduced to their owners
+    (``shards.gradients_at_owner``): momentum, Nesterov and Newton-Schulz on the owned matrices,
+    whose pieces go back to every holder's ``params`` (local buffers, layout order)."""
+    (direction,) = blend_momentum(
+        [shards.owned_gradient.to(momentum.dtype)],
+        [momentum],
+        momentum=hyper.momentum,
+        nesterov=hyper.nesterov,
+    )
+    views = owned_views(direction, shards.layout, shards.plan)
+    results = _orthogonalizer(hyper)(views) if views else []
+    reply_dtype = shards.reply_dtype(hyper.ns_method, hyper.ns_dtype, params[0])
+    updates = send_back(results, [p.view(-1) for p in params], shards.plan, shards.group, reply_dtype)
+    _apply_updates(params, updates, shards, hyper)
+
+
+def _apply_updates(
+    params: list[Tensor], updates: list[Tensor], shards: ShardedMatrices, hyper: MuonHyperparams
+) -> None:
+    """Decoupled weight decay, then each buffer's orthogonalized pieces at the adjusted lr."""
     if hyper.weight_decay != 0:
         torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)  # torch.optim.Muon: unadjusted lr
     # The same arithmetic as the single-process step, so replicas (ZeRO-0) land on its bits:

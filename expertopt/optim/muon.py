@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from expertopt.distributed.step import ShardedMatrices, check_agreement, place, sharded_muon_step, shards_of
+from expertopt.distributed.step import (
+    ShardedMatrices,
+    check_agreement,
+    owner_muon_step,
+    place,
+    sharded_muon_step,
+    shards_of,
+)
 from expertopt.kernels import (
     DEFAULT_EPS,
     DEFAULT_NS_COEFFICIENTS,
@@ -224,7 +231,11 @@ class Muon(GroupedOptimizer):
         if not group["use_muon"]:
             init_adamw_state(state, param, group.get("amsgrad", False))
         elif "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            unit = shards_of(param)
+            if unit is not None:
+                state["momentum_buffer"] = unit.new_momentum(param)
+            else:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._muon_plans.clear()  # the loaded momentum is re-stacked by the next step's plan
@@ -311,6 +322,9 @@ class Muon(GroupedOptimizer):
                     f"a sharded Muon unit expects {len(unit.layout.buffer_numels)} local buffers in one "
                     f"param group, found {len(params)}: the engine adapter placed it inconsistently"
                 )
+            if unit.gradients_at_owner:
+                owner_muon_step(params, self.state[params[0]]["momentum_buffer"], unit, hyper)
+                continue
             # Every rank of the unit joins the exchange: a buffer without a gradient (no tokens
             # reached it) contributes zeros, the same decision on every rank.
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
