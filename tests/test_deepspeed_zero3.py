@@ -5,9 +5,15 @@ per-expert ModuleList experts, embeddings, norms, biases) on its slice of a glob
 ``stage3_param_persistence_threshold: 0`` (every parameter partitioned, so every matrix is cut
 across the 4 ranks) and a small ``sub_group_size`` (several sub-groups per param group, each
 stepped by its own call). The reference trains a copy on the whole global batch with expertopt's
-single-process optimizer and ``clip_grad_norm_`` on the raw gradients. Newton-Schulz runs in
-fp32 (bf16 parity is meaningless, BRIEF section 6). Tolerance 2e-5: reduction order and fp32
-Newton-Schulz on differently batched matrices, measured ~1e-6.
+single-process optimizer and ``clip_grad_norm_`` on the raw gradients, and the engine's global
+gradient norm must equal the reference's (Muon's orthogonalization would hide a wrongly scaled
+clip, F4). Newton-Schulz runs in fp32 (bf16 parity is meaningless, BRIEF section 6). Tolerance
+2e-5: reduction order and fp32 Newton-Schulz on differently batched matrices, measured ~1e-6.
+
+Dense Muon gradients reach their owners two ways (``"zero3_muon_gradients"``): "to_owner" (the
+default: one reduce per owner, momentum at the owner, one all-to-all back per exchanging unit)
+and "reduce_scatter" (DeepSpeed's reduce-scatter, then a gather to the owner and the way back:
+two all-to-alls). The collectives each issues are counted, so a silent fall-back fails.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ def _loss(model, tokens):
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 32), tokens[:, 1:].reshape(-1))
 
 
-def _ds_config(kind: str, accumulation: int, clipping: float) -> dict:
+def _ds_config(kind: str, accumulation: int, clipping: float, gradients: str = "") -> dict:
     name, _, method = kind.partition(":")  # "Muon:gram": Muon with that ns_method
     params = {"lr": LR, "ns_dtype": "float32", "adamw_lr": ADAMW_LR} if name == "Muon" else {"lr": ADAMW_LR}
     if method:
         params["ns_method"] = method
+    if gradients:
+        params["zero3_muon_gradients"] = gradients
     return {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": accumulation,
@@ -77,27 +85,36 @@ def _full_weights(engine) -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
 
 
-def _train(engine, rank: int, steps: range, accumulation: int) -> None:
+def _train(engine, rank: int, steps: range, accumulation: int) -> list[float]:
+    """Train ``steps``; return the engine's global gradient norm after each."""
+    norms = []
     for step in steps:
         for micro in range(accumulation):
             tokens = _global_batch(step, micro)[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
             engine.backward(_loss(engine, tokens))
             engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    return norms
 
 
-def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> dict:
+def _parity_case(rank: int, comm, kind: str, accumulation: int, clipping: float, gradients: str) -> dict:
     torch.manual_seed(0)
     model = ToyMoE()
     reference = copy.deepcopy(model)
     initial = [p.detach().clone() for p in model.parameters()]
     groups = toy_head_groups(model) if kind.startswith("Muon") else model.parameters()
     engine, *_ = expertopt.initialize(
-        model=model, model_parameters=groups, config=_ds_config(kind, accumulation, clipping)
+        model=model, model_parameters=groups, config=_ds_config(kind, accumulation, clipping, gradients)
     )
     ref_opt = _reference_optimizer(kind, reference)
     norms = []
-    with counting_newton_schulz() as counter:
-        _train(engine, rank, range(STEPS), accumulation)
+    comm.reset()
+    with counting_newton_schulz() as counter, comm.during("train"):
+        engine_norms = _train(engine, rank, range(STEPS), accumulation)
+    calls = {op: 0 for op in ("reduce", "all_to_all_single")}
+    for (_, source, op, _, _), (count, *_) in comm.records.items():
+        if source == "torch" and op in calls:
+            calls[op] += count
     for step_index in range(STEPS):
         ref_opt.zero_grad()
         for micro in range(accumulation):
@@ -106,6 +123,7 @@ def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> di
             norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), clipping)))
         ref_opt.step()
     weights = _full_weights(engine)
+    units = engine.basic_optimizer.shard_units if kind.startswith("Muon") else []
     return {
         "error": max(
             (a - b.detach()).abs().max().item() for a, b in zip(weights, reference.parameters(), strict=True)
@@ -116,8 +134,13 @@ def _parity_case(rank: int, kind: str, accumulation: int, clipping: float) -> di
         "ns_matrices_per_step": counter["matrices"] / STEPS,
         "owned": engine.basic_optimizer.owned_matrices() if kind.startswith("Muon") else 0,
         "ref_norms": norms,
+        "engine_norms": engine_norms,
         "reduce_scatter": bool(engine.optimizer.reduce_scatter),
         "sub_groups": len(engine.optimizer.fp16_groups),
+        "units": len(units),
+        "units_to_owner": sum(u.gradients_at_owner for u in units),
+        "exchanging_units": sum(not u.plan.local_only for u in units),
+        "calls_per_step": {op: n / STEPS for op, n in calls.items()},
     }
 
 
@@ -143,18 +166,58 @@ def _resume_case(rank: int, directory: str) -> bool:
     )
 
 
-CASES = [("Muon", 1, 0.0), ("Muon", 2, 0.05), ("AdamW", 1, 0.0), ("AdamW", 2, 0.05)] + [
-    (f"Muon:{method}", 1, 0.05) for method in ("gram", "polar_express")
-]
+# (optimizer[:ns_method], gradient accumulation, clipping, "zero3_muon_gradients" or default).
+CASES = [
+    ("Muon", 1, 0.0, ""),
+    ("Muon", 2, 0.05, ""),
+    ("Muon", 2, 0.05, "reduce_scatter"),
+    ("AdamW", 1, 0.0, ""),
+    ("AdamW", 2, 0.05, ""),
+] + [(f"Muon:{method}", 1, 0.05, "") for method in ("gram", "polar_express")]
+
+
+def _state_tensors(optimizer) -> list[torch.Tensor]:
+    return [v.clone() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def _nonfinite_case(rank: int) -> dict:
+    """A NaN gradient on rank 0 only, in a matrix reduced to its owner: every rank skips the
+    step (the owned gradients' norm is part of DeepSpeed's global norm), nothing moves, and the
+    poison does not linger in the owned gradient buffers."""
+    torch.manual_seed(0)
+    model = ToyMoE()
+    engine, *_ = expertopt.initialize(
+        model=model, model_parameters=toy_head_groups(model), config=_ds_config("Muon", 1, 0.05)
+    )
+    _train(engine, rank, range(1), 1)
+    optimizer = engine.basic_optimizer
+    before = _full_weights(engine)
+    state_before = _state_tensors(optimizer)
+    poison = model.q_proj.weight.register_hook(lambda grad: grad * float("nan" if rank == 0 else 1.0))
+    _train(engine, rank, range(1, 2), 1)
+    after = _full_weights(engine)
+    state_after = _state_tensors(optimizer)
+    clean = all(u.owned_gradient.count_nonzero() == 0 for u in optimizer.shard_units if u.gradients_at_owner)
+    poison.remove()
+    return {
+        "skipped": engine.skipped_steps,
+        "weights_unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+        "state_unchanged": all(torch.equal(a, b) for a, b in zip(state_before, state_after, strict=True)),
+        "owned_gradients_cleared": clean,
+    }
 
 
 def _all_checks(rank: int, world_size: int, directory: str) -> dict:
     import deepspeed
 
+    from bench.zero_harness import CommCounter
+
     assert world_size == WORLD
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {case: _parity_case(rank, *case) for case in CASES}
+    comm = CommCounter().install()
+    results = {case: _parity_case(rank, comm, *case) for case in CASES}
     results["resume"] = _resume_case(rank, directory)
+    results["nonfinite"] = _nonfinite_case(rank)
     return results
 
 
@@ -173,6 +236,25 @@ def test_zero3_matches_single_process_reference(zero3_results, case):
     clipping = case[2]
     if clipping:
         assert min(min(r["ref_norms"]) for r in results) > 2 * clipping, "clipping was not active"
+        for r in results:  # the clip DeepSpeed applied used the reference's global norm
+            torch.testing.assert_close(r["engine_norms"], r["ref_norms"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith("Muon")], ids=lambda c: str(c))
+def test_zero3_muon_gradients_travel_as_configured(zero3_results, case):
+    results = [r[case] for r in zero3_results]
+    exchanging = results[0]["exchanging_units"]
+    assert exchanging > 0  # matrices cut across ranks: the owners' exchange is exercised
+    calls = [r["calls_per_step"] for r in results]
+    if case[3] == "reduce_scatter":
+        assert all(r["units_to_owner"] == 0 for r in results)
+        # A gather to the owner and the way back per exchanging unit; no reduce to owners.
+        assert all(c == {"reduce": 0, "all_to_all_single": 2 * exchanging} for c in calls), calls
+    else:
+        assert all(r["units_to_owner"] == exchanging for r in results)
+        # Only the way back; gradients arrive by reduces (at least one per micro-batch).
+        assert all(c["all_to_all_single"] == exchanging for c in calls), calls
+        assert all(c["reduce"] >= case[1] for c in calls), calls
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith("Muon")], ids=lambda c: str(c))
@@ -186,6 +268,27 @@ def test_zero3_orthogonalizes_each_matrix_once(zero3_results, case):
 
 def test_zero3_checkpoint_resume_is_bit_identical(zero3_results):
     assert all(r["resume"] for r in zero3_results)
+
+
+def test_zero3_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(zero3_results):
+    results = [r["nonfinite"] for r in zero3_results]
+    assert all(r["skipped"] == 1 for r in results), results
+    assert all(r["weights_unchanged"] and r["state_unchanged"] for r in results), results
+    assert all(r["owned_gradients_cleared"] for r in results), results
+
+
+@pytest.mark.parametrize(
+    ("stage", "value", "message"),
+    [
+        (3, "all_reduce", "must be one of"),
+        (2, "to_owner", "applies to ZeRO stage 3 only"),
+    ],
+)
+def test_zero3_muon_gradients_key_is_checked(stage, value, message):
+    config = _ds_config("Muon", 1, 0.0, value)
+    config["zero_optimization"]["stage"] = stage
+    with pytest.raises(ValueError, match=message):
+        expertopt.initialize(model=ToyMoE(), config=config)
 
 
 def test_zero3_offload_is_refused_with_the_fix():

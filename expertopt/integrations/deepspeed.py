@@ -45,6 +45,7 @@ from expertopt.integrations.deepspeed_shards import (
     zero12_placements,
 )
 from expertopt.integrations.deepspeed_zero3 import EXPERT_PLACEMENTS, attach_zero3, check_zero3_config
+from expertopt.integrations.deepspeed_zero3_owners import ZERO3_MUON_GRADIENTS
 from expertopt.optim._base import SharedFiniteCheck
 from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
@@ -75,8 +76,9 @@ _MUON_KEYS = {"momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "ns_c
 _ADAMW_KEYS = {"betas", "eps", "amsgrad"}
 _ADAMW_GROUP_KEYS = {"lr", "weight_decay", "expert_lr_mult"}
 # Keys for the engine glue itself: how ZeRO-0 runs Newton-Schulz (deepspeed_shards.zero0_placements),
-# where AutoEP experts live at ZeRO-3 (deepspeed_zero3.attach_zero3).
-_ENGINE_KEYS = {"zero0_newton_schulz", "expert_placement"}
+# where AutoEP experts live at ZeRO-3 and how dense Muon gradients reach their owners there
+# (deepspeed_zero3.attach_zero3).
+_ENGINE_KEYS = {"zero0_newton_schulz", "expert_placement", "zero3_muon_gradients"}
 _ADAMW_ENGINE_KEYS = {"expert_placement"}
 ZERO0_MODES = ("owners", "redundant")
 _NEEDS_GRAD_NORM = (
@@ -129,6 +131,11 @@ def parse_optimizer_config(block: dict[str, Any]) -> OptimizerSpec | None:
             f'"optimizer.params.expert_placement" must be one of {EXPERT_PLACEMENTS}, '
             f"got {engine['expert_placement']!r}"
         )
+    if engine.get("zero3_muon_gradients", ZERO3_MUON_GRADIENTS[0]) not in ZERO3_MUON_GRADIENTS:
+        raise ValueError(
+            f'"optimizer.params.zero3_muon_gradients" must be one of {ZERO3_MUON_GRADIENTS}, '
+            f"got {engine['zero3_muon_gradients']!r}"
+        )
     groups = {k: v for k, v in params.items() if k in group_keys}
     if kind == "muon":
         if "muon_lr" in groups:
@@ -177,11 +184,17 @@ def _build_groups(
     return groups
 
 
-def _check_expert_placement_stage(expert_placement: str | None, stage: int) -> None:
-    if expert_placement is not None and stage != 3:
+def _check_stage3_options(options: dict[str, Any], stage: int) -> None:
+    """The engine keys that only mean something at ZeRO-3 are refused elsewhere, with the fix."""
+    if options.get("expert_placement") is not None and stage != 3:
         raise ValueError(
             f'"optimizer.params.expert_placement" applies to ZeRO stage 3 only (at stage {stage} every '
             'expert is whole on its expert-data-parallel ranks already): remove "expert_placement"'
+        )
+    if options.get("zero3_muon_gradients") is not None and stage != 3:
+        raise ValueError(
+            f'"optimizer.params.zero3_muon_gradients" applies to ZeRO stage 3 only (at stage {stage} '
+            'gradients are reduced by DeepSpeed before the step): remove "zero3_muon_gradients"'
         )
 
 
@@ -236,7 +249,7 @@ def _engine_arguments(
     if model is None:
         raise ValueError("expertopt.initialize needs the model to route its parameters")
     stage = _check_supported(loaded)
-    _check_expert_placement_stage(spec.engine_options.get("expert_placement"), stage)
+    _check_stage3_options(spec.engine_options, stage)
     loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
     loaded["zero_allow_untested_optimizer"] = True
     if stage in (1, 2):
@@ -498,10 +511,16 @@ def check_topology(engine: Any, load_dir: str, tag: Any = None) -> None:
         )
 
 
-def attach(engine: Any, zero0_newton_schulz: str = "owners", expert_placement: str | None = None) -> None:
+def attach(
+    engine: Any,
+    zero0_newton_schulz: str = "owners",
+    expert_placement: str | None = None,
+    zero3_muon_gradients: str | None = None,
+) -> None:
     """Register each Muon group's flat ZeRO-1/2 partition (or, at ZeRO-0, its replica process
-    group; at ZeRO-3 its sub-group chunks, with AutoEP experts in ``expert_placement``) with
-    expertopt's optimizer, and record and check the topology in checkpoints.
+    group; at ZeRO-3 its sub-group chunks, with AutoEP experts in ``expert_placement`` and dense
+    gradients reduced as ``zero3_muon_gradients`` says) with expertopt's optimizer, and record
+    and check the topology in checkpoints.
 
     A no-op when the engine's optimizer is not expertopt's.
     """
@@ -517,9 +536,12 @@ def attach(engine: Any, zero0_newton_schulz: str = "owners", expert_placement: s
             'inside ZeRO; do not set "type": "muon" for DeepSpeed and expertopt at once'
         )
     zero = engine.optimizer
-    _check_expert_placement_stage(expert_placement, engine.zero_optimization_stage())
+    _check_stage3_options(
+        {"expert_placement": expert_placement, "zero3_muon_gradients": zero3_muon_gradients},
+        engine.zero_optimization_stage(),
+    )
     if engine.zero_optimization_stage() == 3:
-        attach_zero3(engine, optimizer, zero, expert_placement)
+        attach_zero3(engine, optimizer, zero, expert_placement, zero3_muon_gradients)
         return
     if isinstance(zero, BF16_Optimizer):
         _attach_bf16_optimizer(engine, optimizer, zero)

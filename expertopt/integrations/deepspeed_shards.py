@@ -36,7 +36,9 @@ __all__ = ["bf16_optimizer_placements", "shard_unit", "zero0_placements", "zero1
 Placements = list[tuple[Tensor, ShardedMatrices]]
 
 
-def shard_unit(layout, group: dict[str, Any], process_group: Any, like: Tensor) -> ShardedMatrices:
+def shard_unit(
+    layout, group: dict[str, Any], process_group: Any, like: Tensor, gradients_at_owner: bool = False
+) -> ShardedMatrices:
     """The unit stepping ``layout`` over ``process_group``, costed by the group's Newton-Schulz
     method and steps, on ``like``'s device (every DeepSpeed stage builds its units here)."""
     return ShardedMatrices(
@@ -46,6 +48,7 @@ def shard_unit(layout, group: dict[str, Any], process_group: Any, like: Tensor) 
         ns_method=group["ns_method"],
         ns_steps=group["ns_steps"],
         device=like.device,
+        gradients_at_owner=gradients_at_owner,
     )
 
 

@@ -38,6 +38,11 @@ from deepspeed.runtime.utils import is_invalid_grad_norm
 
 from expertopt.distributed.layout import param_partition_layout
 from expertopt.integrations.deepspeed_shards import shard_unit
+from expertopt.integrations.deepspeed_zero3_owners import (
+    DEFAULT_ZERO3_MUON_GRADIENTS,
+    GradientsToOwners,
+    check_supported,
+)
 from expertopt.optim.adamw import AdamW
 from expertopt.optim.muon import Muon
 from expertopt.updates.muon import matrix_view_options
@@ -75,19 +80,23 @@ def check_zero3_config(zero_config: dict[str, Any]) -> None:
         )
 
 
-def zero3_placements(optimizer: Muon, zero: Any) -> list:
-    """Every Muon sub-group's flat fp32 partition with its unit."""
-    placements = []
+def zero3_placements(optimizer: Muon, zero: Any, muon_gradients: str | None = None) -> tuple[list, dict]:
+    """Every Muon sub-group's flat fp32 partition with its unit, and the units whose gradients go
+    straight to their owners (by sub-group: ``(unit, its parameters, matrix view options)``)
+    under ``muon_gradients`` (None: :data:`DEFAULT_ZERO3_MUON_GRADIENTS`)."""
+    to_owner = (muon_gradients or DEFAULT_ZERO3_MUON_GRADIENTS) == "to_owner"
+    placements, served = [], {}
     for sub_group, params in enumerate(zero.fp16_groups):
         group = optimizer.param_groups[zero.sub_group_to_group_id[sub_group]]
         if not group["use_muon"]:
             continue
         process_group = zero.sub_group_process_groups[sub_group]
+        options = matrix_view_options(group)
         layout = param_partition_layout(
             [p.ds_shape for p in params],
             [p.partition_numel() for p in params],
             dist.get_world_size(group=process_group),
-            **matrix_view_options(group),
+            **options,
         )
         flat = zero.fp32_partitioned_groups_flat[sub_group]
         if flat.numel() != layout.buffer_numels[0]:
@@ -95,13 +104,24 @@ def zero3_placements(optimizer: Muon, zero: Any) -> list:
                 f"ZeRO-3 sub-group {sub_group}: flat partition of {flat.numel()} elements, expected "
                 f"{layout.buffer_numels[0]} from its parameters' partitions (DeepSpeed layout changed?)"
             )
-        placements.append((flat, shard_unit(layout, group, process_group, flat)))
-    return placements
+        # AutoEP experts (averaged over DP, partitioned over EDP) keep DeepSpeed's reduce-scatter.
+        owner_reduced = to_owner and not any(map(_is_autoep_expert, params))
+        unit = shard_unit(layout, group, process_group, flat, gradients_at_owner=owner_reduced)
+        if unit.plan.local_only and owner_reduced:  # nothing crosses ranks: nothing to save
+            unit = shard_unit(layout, group, process_group, flat)
+        elif owner_reduced:
+            served[sub_group] = (unit, params, options)
+        placements.append((flat, unit))
+    return placements, served
+
+
+def _is_autoep_expert(param: Any) -> bool:
+    return getattr(param, "ds_zero_placement_family", None) == "autoep_expert"
 
 
 def autoep_experts(module: Any) -> list:
     """The AutoEP expert parameters of ``module`` (tagged by AutoEP inside ``deepspeed.initialize``)."""
-    return [p for p in module.parameters() if getattr(p, "ds_zero_placement_family", None) == "autoep_expert"]
+    return [p for p in module.parameters() if _is_autoep_expert(p)]
 
 
 def keep_experts_whole(experts: list, zero: Any) -> None:
@@ -121,10 +141,15 @@ def keep_experts_whole(experts: list, zero: Any) -> None:
 
 
 def attach_zero3(
-    engine: Any, optimizer: Muon | AdamW, zero: Any, expert_placement: str | None = None
+    engine: Any,
+    optimizer: Muon | AdamW,
+    zero: Any,
+    expert_placement: str | None = None,
+    muon_gradients: str | None = None,
 ) -> None:
     """Place every Muon sub-group and key optimizer state by the flat partitions DeepSpeed steps,
-    with AutoEP experts in ``expert_placement`` (None: :data:`DEFAULT_EXPERT_PLACEMENT`)."""
+    with AutoEP experts in ``expert_placement`` (None: :data:`DEFAULT_EXPERT_PLACEMENT`) and dense
+    Muon gradients reduced as ``muon_gradients`` says (None: :data:`DEFAULT_ZERO3_MUON_GRADIENTS`)."""
     if zero.offload_optimizer or zero.swap_optimizer:
         check_zero3_config({"offload_optimizer": {"device": "cpu"}})
     experts = autoep_experts(engine.module)
@@ -144,7 +169,12 @@ def attach_zero3(
     zero._set_fp32_optimizer_param_groups()
     try:
         if isinstance(optimizer, Muon):
-            optimizer.place_shards(zero3_placements(optimizer, zero))
+            placements, served = zero3_placements(optimizer, zero, muon_gradients)
+            if served:
+                check_supported(zero)
+            optimizer.place_shards(placements)
+            if served:
+                GradientsToOwners(zero, served).install()
         else:
             optimizer.rebind_state()
     finally:

@@ -1,0 +1,191 @@
+"""DeepSpeed ZeRO-3: reduce each Muon matrix's gradient straight to its owner.
+
+At ZeRO-3 DeepSpeed reduce-scatters every gradient over its partition group, and the Muon step
+then gathers each matrix's reduced pieces to the rank that orthogonalizes it: the gradient
+crosses the wire twice (the reduce-scatter, then the gather). With ``"zero3_muon_gradients":
+"to_owner"`` (the default for dense Muon matrices) each matrix's raw gradient is summed once,
+in DeepSpeed's communication dtype, at its owner (:func:`expertopt.distributed._runtime.reduce_to_owners`),
+accumulated there in fp32 over micro-batches, and only the orthogonalized update travels back
+(in the Newton-Schulz dtype). Momentum lives at the owner. Measured: docs/benchmarks.md, "ZeRO-3
+Muon: reduce straight to the owner".
+
+What this relies on in DeepSpeed 0.19.8 (``runtime/zero/stage3.py``), wrapped on the optimizer
+instance, never patched into the class:
+
+- ``__reduce_and_partition_ipg_grads`` calls ``__avg_scatter_grads(params, comm_dtype)`` for
+  every bucket when ``reduce_scatter`` is true (we refuse false) and writes the partitions it
+  returns into the fp32 gradient partitions. For served parameters we return zeros there, so
+  DeepSpeed's own overflow check, norm and unscale see nothing of them;
+- ``step`` takes the global norm from ``_get_norm_groups`` (one more group here: the owned
+  gradients, all-reduced over the process group), skips the step when it is not finite, and
+  calls ``unscale_and_clip_grads(sub_group, norm)`` before each sub-group's client step (we
+  apply the same factor to the owned gradients of that sub-group).
+
+AutoEP expert sub-groups (averaged over DP, partitioned over EDP) keep the reduce-scatter, as do
+units whose matrices never leave their rank.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from expertopt.distributed._runtime import reduce_to_owners
+from expertopt.distributed.layout import matrices_of
+from expertopt.distributed.step import ShardedMatrices
+
+__all__ = ["DEFAULT_ZERO3_MUON_GRADIENTS", "ZERO3_MUON_GRADIENTS", "GradientsToOwners", "check_supported"]
+
+# How dense Muon gradients reach their owner at ZeRO-3 (see the module docstring).
+ZERO3_MUON_GRADIENTS = ("to_owner", "reduce_scatter")
+DEFAULT_ZERO3_MUON_GRADIENTS = "to_owner"
+
+_STAGE3 = "_DeepSpeedZeroOptimizer_Stage3"
+
+
+def check_supported(zero: Any) -> None:
+    """Refuse, with the fix, the stage-3 settings under which gradients cannot go to owners."""
+    if getattr(zero, "all2all_process_group", None) is not None:
+        raise ValueError(
+            '"zero_quantized_gradients" reduces gradients with its own all-to-all, which cannot send them to '
+            'their Muon owners: set "optimizer.params.zero3_muon_gradients": "reduce_scatter" or drop it'
+        )
+    if zero.postscale_gradients and zero.gradient_predivide_factor != 1.0:
+        raise ValueError(
+            f'"gradient_predivide_factor": {zero.gradient_predivide_factor} is not supported with '
+            '"zero3_muon_gradients": "to_owner"; remove it or set "zero3_muon_gradients": "reduce_scatter"'
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """One matrix of a served parameter: ``numel`` elements from ``start`` of its flat gradient,
+    owned by ``owner`` (a rank of the unit's group), written there at ``owned_offset`` of the
+    unit's owned gradient (meaningful on the owner only)."""
+
+    unit: ShardedMatrices
+    start: int
+    numel: int
+    owner: int
+    owned_offset: int
+
+
+class GradientsToOwners:
+    """Route the gradients of ``units`` (placed ZeRO-3 Muon sub-groups, by sub-group index) to
+    their owners inside DeepSpeed's ``zero`` optimizer; see the module docstring."""
+
+    def __init__(
+        self, zero: Any, units: dict[int, tuple[ShardedMatrices, list[Any], dict[str, Any]]]
+    ) -> None:
+        self.zero = zero
+        self.units = {sub_group: unit for sub_group, (unit, _, _) in units.items()}
+        self.spans: dict[int, list[_Span]] = {}  # by ds_id
+        for unit, params, options in units.values():
+            offsets = dict(zip(unit.plan.owned, unit.plan.owned_offsets, strict=True))
+            index = 0
+            for param in params:
+                flats = matrices_of([param.ds_shape], [0], **options)
+                spans = []
+                for flat in flats:
+                    spans.append(
+                        _Span(unit, flat.start, flat.numel, unit.owners[index], offsets.get(index, -1))
+                    )
+                    index += 1
+                self.spans[param.ds_id] = spans
+            if index != len(unit.layout.matrices):
+                raise RuntimeError(
+                    f"{index} matrices found in the sub-group's parameters, layout has "
+                    f"{len(unit.layout.matrices)}"
+                )
+
+    def install(self) -> None:
+        zero = self.zero
+        scatter = getattr(zero, f"{_STAGE3}__avg_scatter_grads")
+        norms = zero._get_norm_groups
+        unscale = zero.unscale_and_clip_grads
+        step = zero.step
+
+        @functools.wraps(scatter)
+        def avg_scatter_grads(params: list, communication_data_type: torch.dtype) -> list[Tensor]:
+            served = [p for p in params if p.ds_id in self.spans]
+            if not served:
+                return scatter(params, communication_data_type)
+            rest = [p for p in params if p.ds_id not in self.spans]
+            partitions = (
+                dict(zip(map(id, rest), scatter(rest, communication_data_type), strict=True)) if rest else {}
+            )
+            self._reduce(served, communication_data_type)
+            for param in served:
+                partitions[id(param)] = torch.zeros(
+                    param.partition_numel(), dtype=zero.gradient_accumulation_dtype, device=param.grad.device
+                )
+            return [partitions[id(p)] for p in params]
+
+        def get_norm_groups() -> list[Tensor]:
+            return [*norms(), self._owned_norm()]
+
+        def unscale_and_clip_grads(sub_group_id: int, total_norm: Tensor) -> None:
+            unscale(sub_group_id, total_norm)
+            unit = self.units.get(sub_group_id)
+            if unit is not None:
+                # DeepSpeed's factor, applied to the gradients it does not see.
+                combined_scale = zero.loss_scale
+                if zero.clip_grad > 0.0:
+                    clip = ((total_norm / zero.loss_scale) + 1e-6) / zero.clip_grad
+                    combined_scale = torch.clamp(clip, min=1.0) * zero.loss_scale
+                unit.owned_gradient.mul_(1.0 / combined_scale)
+
+        @functools.wraps(step)
+        def step_then_clear(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return step(*args, **kwargs)
+            finally:
+                for unit in self.units.values():
+                    unit.owned_gradient.zero_()
+
+        setattr(zero, f"{_STAGE3}__avg_scatter_grads", avg_scatter_grads)
+        zero._get_norm_groups = get_norm_groups
+        zero.unscale_and_clip_grads = unscale_and_clip_grads
+        zero.step = step_then_clear
+
+    def _reduce(self, params: list, communication_data_type: torch.dtype) -> None:
+        """Sum the served parameters' gradients at their owners (averaged over the group, as
+        DeepSpeed's reduce-scatter does) and add them into the owners' fp32 owned gradients."""
+        group = self.zero._get_param_partition_group(params[0])
+        world = dist.get_world_size(group=group)
+        averaging = self.zero._gradient_averaging_world_size(params, world)
+        sends: dict[int, list[Tensor]] = {}
+        landing: dict[int, list[_Span]] = {}
+        for param in params:
+            grad = param.grad.reshape(-1).to(communication_data_type)
+            for span in self.spans[param.ds_id]:
+                sends.setdefault(span.owner, []).append(grad[span.start : span.start + span.numel])
+                landing.setdefault(span.owner, []).append(span)
+        mine = reduce_to_owners(sends, group)
+        if mine is None:
+            return
+        if averaging != world:
+            mine = mine.mul(world / float(averaging))
+        position = 0
+        for span in landing[dist.get_rank(group=group)]:
+            target = span.unit.owned_gradient[span.owned_offset : span.owned_offset + span.numel]
+            target.add_(mine[position : position + span.numel])
+            position += span.numel
+
+    def _owned_norm(self) -> Tensor:
+        """The 2-norm of every owned gradient of the world (each element has one owner), on every rank."""
+        device = next(iter(self.units.values())).owned_gradient.device
+        squares = torch.zeros((), dtype=torch.float64, device=device)
+        by_group: dict[int, tuple[Any, Tensor]] = {}
+        for unit in self.units.values():
+            group, total = by_group.setdefault(id(unit.group), (unit.group, squares.clone()))
+            total.add_(unit.owned_gradient.double().square().sum())
+        for group, total in by_group.values():
+            dist.all_reduce(total, group=group)
+            squares.add_(total)
+        return squares.sqrt().float()
