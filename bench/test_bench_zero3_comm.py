@@ -14,8 +14,11 @@ parameter all-gathers in forward and backward are the same for every optimizer; 
 reported in their own column and left out of the compared total, which is the gradient
 reduction (backward) plus everything in ``engine.step``.
 
-Reducing each Muon matrix's gradient straight to its owner instead (no gather-to-owner) is
-measured at the collective level in ``bench/test_bench_reduce_to_owner.py``.
+expertopt runs both ways dense Muon gradients can reach their owners
+(``"zero3_muon_gradients"``): "to_owner" (the default: one reduce per owner in backward, only
+the bf16 update sent back in the step) and "reduce_scatter" (DeepSpeed's reduce-scatter, then a
+gather to the owner and the way back). The collective-level model of the same comparison is
+``bench/test_bench_reduce_to_owner.py``.
 
 Run from the repository root::
 
@@ -38,8 +41,13 @@ from bench.zero_harness import CommCounter, spawn
 WORLD = 4
 WARMUP, COUNTED = 1, 2
 LR, ADAMW_LR = 0.02, 3e-4
-OPTIMIZERS = ("ds_adamw", "ds_muon", "expertopt_muon")
-NAMES = {"ds_adamw": "DeepSpeed AdamW", "ds_muon": "DeepSpeed Muon", "expertopt_muon": "expertopt Muon"}
+OPTIMIZERS = ("ds_adamw", "ds_muon", "expertopt_muon", "expertopt_muon_rs")
+NAMES = {
+    "ds_adamw": "DeepSpeed AdamW",
+    "ds_muon": "DeepSpeed Muon",
+    "expertopt_muon": "expertopt to_owner",
+    "expertopt_muon_rs": "expertopt red-scat",
+}
 D, D_FF, LAYERS, VOCAB, BATCH, SEQ = 96, 384, 2, 512, 4, 32
 
 
@@ -93,6 +101,8 @@ def _config(optimizer: str) -> dict[str, Any]:
     else:
         # bf16 pinned (the recorded bytes are bf16 replies); "auto" is fp32 on a CPU without oneDNN bf16.
         block = {"type": "Muon", "params": {"lr": LR, "adamw_lr": ADAMW_LR, "ns_dtype": "bfloat16"}}
+        if optimizer == "expertopt_muon_rs":
+            block["params"]["zero3_muon_gradients"] = "reduce_scatter"
     return {
         "train_micro_batch_size_per_gpu": BATCH,
         "gradient_accumulation_steps": 1,
@@ -123,7 +133,7 @@ def _measure_one(rank: int, optimizer: str, counter: CommCounter) -> dict[str, A
     torch.manual_seed(0)
     model = DenseLM()
     config = _config(optimizer)
-    if optimizer == "expertopt_muon":
+    if optimizer.startswith("expertopt"):
         engine, *_ = expertopt.initialize(model=model, config=config)
     else:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -204,10 +214,15 @@ def _report(per_rank: list[dict], emit) -> dict[str, float]:
         )
     eo, adamw, ds_muon = totals["expertopt_muon"], totals["ds_adamw"], totals["ds_muon"]
     info["ratio_adamw"], info["ratio_ds_muon"] = eo / adamw, eo / ds_muon
+    info["ratio_to_owner_vs_reduce_scatter"] = eo / totals["expertopt_muon_rs"]
     emit(
         f"  expertopt/AdamW {eo / adamw:.3f} [{'ok' if eo / adamw <= 1.5 else 'MISS'} <= 1.5]"
         f"   expertopt/DS Muon {eo / ds_muon:.3f} [{'ok' if eo / ds_muon <= 0.35 else 'MISS'} <= 0.35]"
         f"   DS Muon/AdamW {ds_muon / adamw:.3f}"
+    )
+    emit(
+        f"  to_owner/reduce_scatter {info['ratio_to_owner_vs_reduce_scatter']:.3f}"
+        f"   reduce_scatter/AdamW {totals['expertopt_muon_rs'] / adamw:.3f}"
     )
     total_flops = sum(ns_flops(s, method="standard") for s in MUON_SHAPES)
     flops = [rank["expertopt_muon"]["ns_flops"] for rank in per_rank]
@@ -224,6 +239,7 @@ def test_zero3_comm_bytes_and_state(benchmark, report_line):
     per_rank = benchmark.pedantic(spawn, args=(measure, WORLD), rounds=1, iterations=1)
     info = _report(per_rank, report_line)
     benchmark.extra_info.update(info)
-    counts = [rank["expertopt_muon"]["ns_matrices"] for rank in per_rank]
-    assert sum(counts) == len(MUON_SHAPES)  # every matrix once per step, on its owner
-    assert info["expertopt_muon|exchange"] > 0  # the counter saw the exchange
+    for variant in ("expertopt_muon", "expertopt_muon_rs"):
+        counts = [rank[variant]["ns_matrices"] for rank in per_rank]
+        assert sum(counts) == len(MUON_SHAPES)  # every matrix once per step, on its owner
+        assert info[f"{variant}|exchange"] > 0  # the counter saw the exchange

@@ -2,9 +2,10 @@
 
 Same model and configs as the ZeRO-3 bytes benchmark (``bench/test_bench_zero3_comm.py``:
 ``DenseLM``, every parameter partitioned, fp32, clipping 1.0; DeepSpeed's Muon with the
-``"reduce_scatter": false`` it forces at stage 3; expertopt with its defaults). The three engines
+``"reduce_scatter": false`` it forces at stage 3; expertopt with its defaults, gradients reduced
+to their owners, and with ``"zero3_muon_gradients": "reduce_scatter"``). The four engines
 are built side by side in each rank and stepped in turn, round after round, so machine noise
-(other processes on a shared CPU) falls on all three alike. Per round and engine we time, after
+(other processes on a shared CPU) falls on all four alike. Per round and engine we time, after
 a barrier, forward+backward and ``engine.step()`` on every rank and keep the slowest rank (a
 step ends for everyone when the slowest is done); the table reports medians over rounds and
 the ratios of those medians.
@@ -42,7 +43,7 @@ def _engine(optimizer: str) -> Any:
 
     torch.manual_seed(0)
     model = DenseLM()
-    if optimizer == "expertopt_muon":
+    if optimizer.startswith("expertopt"):
         return expertopt.initialize(model=model, config=_config(optimizer))[0]
     return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(optimizer))[
         0
@@ -101,12 +102,14 @@ def _report(medians: dict[str, dict[str, float]], emit) -> dict[str, float]:
         "train_vs_ds_muon": eo["train"] / ds["train"],
         "train_vs_adamw": eo["train"] / adamw["train"],
         "ds_muon_step_vs_adamw": ds["step"] / adamw["step"],
+        "train_to_owner_vs_reduce_scatter": eo["train"] / medians["expertopt_muon_rs"]["train"],
     }
     emit(
         f"  expertopt/DS Muon: step {info['step_vs_ds_muon']:.3f}, train step {info['train_vs_ds_muon']:.3f}"
         f"   expertopt/AdamW: step {info['step_vs_adamw']:.3f}, train step {info['train_vs_adamw']:.3f}"
         f"   DS Muon/AdamW step {info['ds_muon_step_vs_adamw']:.3f}"
     )
+    emit(f"  to_owner/reduce_scatter: train step {info['train_to_owner_vs_reduce_scatter']:.3f}")
     return info
 
 

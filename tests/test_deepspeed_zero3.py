@@ -415,3 +415,25 @@ def test_autoep_experts_at_zero3_match_reference_without_exchange(autoep_zero3_r
     assert sum(r["owned"] for r in results) == results[0]["matrices"]
     # Whole experts in every EDP rank's partition: orthogonalized where they live, no exchange.
     assert all(r["experts_local_only"] for r in results)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"all2all_process_group": object()}, "zero_quantized_gradients"),
+        ({"gradient_predivide_factor": 2.0}, "gradient_predivide_factor"),
+    ],
+)
+def test_to_owner_refuses_stage3_settings_that_own_the_reduction(settings, message):
+    from types import SimpleNamespace
+
+    from expertopt.integrations.deepspeed_zero3_owners import check_supported
+
+    zero = SimpleNamespace(
+        all2all_process_group=None, postscale_gradients=True, gradient_predivide_factor=1.0
+    )
+    check_supported(zero)  # DeepSpeed's defaults are served
+    for key, value in settings.items():
+        setattr(zero, key, value)
+    with pytest.raises(ValueError, match=f'{message}.*"zero3_muon_gradients": "reduce_scatter"'):
+        check_supported(zero)

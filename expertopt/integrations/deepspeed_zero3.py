@@ -59,7 +59,7 @@ __all__ = [
 
 # Where AutoEP expert weights live between steps at ZeRO-3 (see the module docstring).
 EXPERT_PLACEMENTS = ("replicated", "sharded")
-# Measured 0.774x the bytes per rank per step of "sharded" at GAS 1, 0.658x at GAS 2 (docs/benchmarks.md,
+# Measured 0.771x the bytes per rank per step of "sharded" at GAS 1, 0.656x at GAS 2 (docs/benchmarks.md,
 # "DeepSpeed ZeRO-3 with AutoEP experts: placements"); its cost is EDP x the resident expert weights.
 DEFAULT_EXPERT_PLACEMENT = "replicated"
 

@@ -53,12 +53,13 @@ def check_supported(zero: Any) -> None:
     if getattr(zero, "all2all_process_group", None) is not None:
         raise ValueError(
             '"zero_quantized_gradients" reduces gradients with its own all-to-all, which cannot send them to '
-            'their Muon owners: set "optimizer.params.zero3_muon_gradients": "reduce_scatter" or drop it'
+            'their Muon owners: drop it, or set "zero3_muon_gradients": "reduce_scatter" in "optimizer.params"'
         )
     if zero.postscale_gradients and zero.gradient_predivide_factor != 1.0:
         raise ValueError(
             f'"gradient_predivide_factor": {zero.gradient_predivide_factor} is not supported with '
-            '"zero3_muon_gradients": "to_owner"; remove it or set "zero3_muon_gradients": "reduce_scatter"'
+            '"zero3_muon_gradients": "to_owner"; remove it, or set "zero3_muon_gradients": "reduce_scatter" '
+            'in "optimizer.params"'
         )
 
 
