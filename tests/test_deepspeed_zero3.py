@@ -45,7 +45,9 @@ def _loss(model, tokens):
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 32), tokens[:, 1:].reshape(-1))
 
 
-def _ds_config(kind: str, accumulation: int, clipping: float, gradients: str = "") -> dict:
+def _ds_config(
+    kind: str, accumulation: int, clipping: float, gradients: str = "", offload: bool = False
+) -> dict:
     name, _, method = kind.partition(":")  # "Muon:gram": Muon with that ns_method
     params = {"lr": LR, "ns_dtype": "float32", "adamw_lr": ADAMW_LR} if name == "Muon" else {"lr": ADAMW_LR}
     if method:
@@ -63,6 +65,17 @@ def _ds_config(kind: str, accumulation: int, clipping: float, gradients: str = "
         },
         "gradient_clipping": clipping,
         "steps_per_print": 10**9,
+    } | ({} if not offload else {"zero_optimization": _offloaded()})
+
+
+def _offloaded() -> dict:
+    """The test's ZeRO-3 block with the fp32 partitions, optimizer state and parameters on the CPU."""
+    return {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "sub_group_size": 400,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
     }
 
 
@@ -97,14 +110,18 @@ def _train(engine, rank: int, steps: range, accumulation: int) -> list[float]:
     return norms
 
 
-def _parity_case(rank: int, comm, kind: str, accumulation: int, clipping: float, gradients: str) -> dict:
+def _parity_case(
+    rank: int, comm, kind: str, accumulation: int, clipping: float, gradients: str, offload: bool = False
+) -> dict:
     torch.manual_seed(0)
     model = ToyMoE()
     reference = copy.deepcopy(model)
     initial = [p.detach().clone() for p in model.parameters()]
     groups = toy_head_groups(model) if kind.startswith("Muon") else model.parameters()
     engine, *_ = expertopt.initialize(
-        model=model, model_parameters=groups, config=_ds_config(kind, accumulation, clipping, gradients)
+        model=model,
+        model_parameters=groups,
+        config=_ds_config(kind, accumulation, clipping, gradients, offload),
     )
     ref_opt = _reference_optimizer(kind, reference)
     norms = []
@@ -141,39 +158,44 @@ def _parity_case(rank: int, comm, kind: str, accumulation: int, clipping: float,
         "units_to_owner": sum(u.gradients_at_owner for u in units),
         "exchanging_units": sum(not u.plan.local_only for u in units),
         "calls_per_step": {op: n / STEPS for op, n in calls.items()},
+        "offloaded": bool(engine.optimizer.offload_optimizer) and bool(engine.optimizer.offload_param),
     }
 
 
-def _resume_case(rank: int, directory: str) -> bool:
+def _resume_case(rank: int, directory: str, offload: bool = False) -> bool:
     def engine_():
         torch.manual_seed(0)
         model = ToyMoE()
-        engine, *_ = expertopt.initialize(
-            model=model, model_parameters=toy_head_groups(model), config=_ds_config("Muon", 1, 0.05)
-        )
+        config = _ds_config("Muon", 1, 0.05, offload=offload)
+        engine, *_ = expertopt.initialize(model=model, model_parameters=toy_head_groups(model), config=config)
         return engine
 
     uninterrupted = engine_()
     _train(uninterrupted, rank, range(4), 1)
     first = engine_()
     _train(first, rank, range(2), 1)
-    first.save_checkpoint(directory, tag="zero3")
+    tag = "zero3-offload" if offload else "zero3"
+    first.save_checkpoint(directory, tag=tag)
     resumed = engine_()
-    resumed.load_checkpoint(directory, tag="zero3")
+    resumed.load_checkpoint(directory, tag=tag)
     _train(resumed, rank, range(2, 4), 1)
     return all(
         torch.equal(a, b) for a, b in zip(_full_weights(uninterrupted), _full_weights(resumed), strict=True)
     )
 
 
-# (optimizer[:ns_method], gradient accumulation, clipping, "zero3_muon_gradients" or default).
+# (optimizer[:ns_method], gradient accumulation, clipping, "zero3_muon_gradients" or default,
+# CPU offload of the optimizer and the parameters).
 CASES = [
-    ("Muon", 1, 0.0, ""),
-    ("Muon", 2, 0.05, ""),
-    ("Muon", 2, 0.05, "reduce_scatter"),
-    ("AdamW", 1, 0.0, ""),
-    ("AdamW", 2, 0.05, ""),
-] + [(f"Muon:{method}", 1, 0.05, "") for method in ("gram", "polar_express")]
+    ("Muon", 1, 0.0, "", False),
+    ("Muon", 2, 0.05, "", False),
+    ("Muon", 2, 0.05, "reduce_scatter", False),
+    ("AdamW", 1, 0.0, "", False),
+    ("AdamW", 2, 0.05, "", False),
+    ("Muon", 2, 0.05, "", True),
+    ("Muon", 1, 0.05, "reduce_scatter", True),
+    ("AdamW", 1, 0.05, "", True),
+] + [(f"Muon:{method}", 1, 0.05, "", False) for method in ("gram", "polar_express")]
 
 
 def _state_tensors(optimizer) -> list[torch.Tensor]:
@@ -217,6 +239,7 @@ def _all_checks(rank: int, world_size: int, directory: str) -> dict:
     comm = CommCounter().install()
     results = {case: _parity_case(rank, comm, *case) for case in CASES}
     results["resume"] = _resume_case(rank, directory)
+    results["resume_offload"] = _resume_case(rank, directory, offload=True)
     results["nonfinite"] = _nonfinite_case(rank)
     return results
 
@@ -233,6 +256,7 @@ def test_zero3_matches_single_process_reference(zero3_results, case):
     assert all(r["error"] < 2e-5 for r in results), results
     assert all(r["reduce_scatter"] for r in results)  # gradients reduce-scattered, never all-reduced (F12)
     assert results[0]["sub_groups"] > 2  # several sub-groups, each stepped by its own call
+    assert all(r["offloaded"] == case[4] for r in results)
     clipping = case[2]
     if clipping:
         assert min(min(r["ref_norms"]) for r in results) > 2 * clipping, "clipping was not active"
@@ -266,8 +290,9 @@ def test_zero3_orthogonalizes_each_matrix_once(zero3_results, case):
     assert all(r["ns_matrices_per_step"] == r["owned"] for r in results)
 
 
-def test_zero3_checkpoint_resume_is_bit_identical(zero3_results):
-    assert all(r["resume"] for r in zero3_results)
+@pytest.mark.parametrize("key", ["resume", "resume_offload"])
+def test_zero3_checkpoint_resume_is_bit_identical(zero3_results, key):
+    assert all(r[key] for r in zero3_results)
 
 
 def test_zero3_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(zero3_results):
@@ -291,10 +316,18 @@ def test_zero3_muon_gradients_key_is_checked(stage, value, message):
         expertopt.initialize(model=ToyMoE(), config=config)
 
 
-def test_zero3_offload_is_refused_with_the_fix():
+@pytest.mark.parametrize("key", ["offload_optimizer", "offload_param"])
+def test_zero3_nvme_offload_is_refused_with_the_fix(key):
     config = _ds_config("Muon", 1, 0.0)
-    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    with pytest.raises(ValueError, match='remove "offload_optimizer"'):
+    config["zero_optimization"][key] = {"device": "nvme", "nvme_path": "/tmp"}
+    with pytest.raises(ValueError, match=f'use "device": "cpu" or remove "{key}"'):
+        expertopt.initialize(model=ToyMoE(), config=config)
+
+
+def test_zero3_cpu_offload_with_forced_deepspeed_cpu_optimizer_is_refused():
+    config = _ds_config("Muon", 1, 0.0, offload=True)
+    config["zero_force_ds_cpu_optimizer"] = True
+    with pytest.raises(ValueError, match='remove "zero_force_ds_cpu_optimizer"'):
         expertopt.initialize(model=ToyMoE(), config=config)
 
 
@@ -437,3 +470,17 @@ def test_to_owner_refuses_stage3_settings_that_own_the_reduction(settings, messa
         setattr(zero, key, value)
     with pytest.raises(ValueError, match=f'{message}.*"zero3_muon_gradients": "reduce_scatter"'):
         check_supported(zero)
+
+
+def test_offloaded_muon_exchange_on_a_group_without_cpu_support_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    import expertopt.integrations.deepspeed_zero3 as zero3
+
+    unit = SimpleNamespace(plan=SimpleNamespace(local_only=False), group=None)
+    placements = [(torch.zeros(4), unit)]
+    monkeypatch.setattr(zero3.dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    zero3._check_offloaded_exchange(placements)  # gloo carries the CPU partitions
+    monkeypatch.setattr(zero3.dist, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(ValueError, match='cannot carry CPU tensors: remove "offload_optimizer"'):
+        zero3._check_offloaded_exchange(placements)

@@ -252,6 +252,15 @@ def _engine_arguments(
     _check_stage3_options(spec.engine_options, stage)
     loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
     loaded["zero_allow_untested_optimizer"] = True
+    if stage == 3 and (loaded["zero_optimization"].get("offload_optimizer") or {}).get("device") == "cpu":
+        # DeepSpeed refuses a client optimizer with CPU offload unless told otherwise: expertopt's
+        # steps run on the CPU partitions as they are (tests/test_deepspeed_zero3.py, offload cases).
+        if loaded.get("zero_force_ds_cpu_optimizer") is True:
+            raise ValueError(
+                '"zero_force_ds_cpu_optimizer": true makes DeepSpeed refuse expertopt\'s optimizer with '
+                '"offload_optimizer"; remove "zero_force_ds_cpu_optimizer"'
+            )
+        loaded["zero_force_ds_cpu_optimizer"] = False
     if stage in (1, 2):
         # One reduce per partition owner moves half the gradient bytes of DeepSpeed's default
         # bucket all-reduce (docs/benchmarks.md, ZeRO section); an explicit user value wins.

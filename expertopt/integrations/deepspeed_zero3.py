@@ -68,10 +68,11 @@ def check_zero3_config(zero_config: dict[str, Any]) -> None:
     """Refuse, with the fix, the stage-3 settings the flat-partition glue cannot serve."""
     for key in ("offload_optimizer", "offload_param"):
         device = (zero_config.get(key) or {}).get("device", "none")
-        if device not in (None, "none"):
+        if device not in (None, "none", "cpu"):
             raise ValueError(
                 f'"zero_optimization.{key}" with device {device!r} is not supported with expertopt\'s '
-                f'optimizers at ZeRO-3 yet (swapped partitions change identity between steps); remove "{key}"'
+                "optimizers at ZeRO-3 (NVMe swapping replaces the partitions the optimizer state is keyed "
+                f'by between steps); use "device": "cpu" or remove "{key}"'
             )
     if zero_config.get("reduce_scatter") is False:
         raise ValueError(
@@ -115,6 +116,21 @@ def zero3_placements(optimizer: Muon, zero: Any, muon_gradients: str | None = No
     return placements, served
 
 
+def _check_offloaded_exchange(placements: list) -> None:
+    """With ``offload_optimizer`` the partitions, and so the owners' exchange, are CPU tensors:
+    refuse, with the fix, a process group that cannot carry them (NCCL) instead of failing in
+    the first step. Tested on gloo only (no GPU yet)."""
+    for flat, unit in placements:
+        if flat.device.type == "cpu" and not unit.plan.local_only:
+            backend = str(dist.get_backend(unit.group))
+            if "gloo" not in backend:
+                raise ValueError(
+                    f'"offload_optimizer" keeps the Muon partitions on the CPU, and their owners\' exchange runs '
+                    f"on a {backend!r} process group that cannot carry CPU tensors: remove "
+                    '"offload_optimizer" for Muon at ZeRO-3 (AdamW is served)'
+                )
+
+
 def _is_autoep_expert(param: Any) -> bool:
     return getattr(param, "ds_zero_placement_family", None) == "autoep_expert"
 
@@ -150,8 +166,8 @@ def attach_zero3(
     """Place every Muon sub-group and key optimizer state by the flat partitions DeepSpeed steps,
     with AutoEP experts in ``expert_placement`` (None: :data:`DEFAULT_EXPERT_PLACEMENT`) and dense
     Muon gradients reduced as ``muon_gradients`` says (None: :data:`DEFAULT_ZERO3_MUON_GRADIENTS`)."""
-    if zero.offload_optimizer or zero.swap_optimizer:
-        check_zero3_config({"offload_optimizer": {"device": "cpu"}})
+    if zero.swap_optimizer:
+        check_zero3_config({"offload_optimizer": {"device": "nvme"}})
     experts = autoep_experts(engine.module)
     if expert_placement is not None and not experts:
         raise ValueError(
@@ -170,6 +186,7 @@ def attach_zero3(
     try:
         if isinstance(optimizer, Muon):
             placements, served = zero3_placements(optimizer, zero, muon_gradients)
+            _check_offloaded_exchange(placements)
             if served:
                 check_supported(zero)
             optimizer.place_shards(placements)

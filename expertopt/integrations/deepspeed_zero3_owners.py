@@ -128,7 +128,9 @@ class GradientsToOwners:
             return [partitions[id(p)] for p in params]
 
         def get_norm_groups() -> list[Tensor]:
-            return [*norms(), self._owned_norm()]
+            groups = norms()
+            owned = self._owned_norm()
+            return [*groups, owned.to(groups[0].device) if groups and torch.is_tensor(groups[0]) else owned]
 
         def unscale_and_clip_grads(sub_group_id: int, total_norm: Tensor) -> None:
             unscale(sub_group_id, total_norm)
@@ -172,6 +174,7 @@ class GradientsToOwners:
             return
         if averaging != world:
             mine = mine.mul(world / float(averaging))
+        mine = mine.to(next(iter(self.units.values())).owned_gradient.device)  # CPU with offload_optimizer
         position = 0
         for span in landing[dist.get_rank(group=group)]:
             target = span.unit.owned_gradient[span.owned_offset : span.owned_offset + span.numel]
