@@ -203,8 +203,8 @@ def _report(per_rank: list[dict], emit) -> dict[str, float]:
         splits = [_split(rank[optimizer]["comm"]) for rank in per_rank]
         mean = {k: statistics.fmean(s[k] for s in splits) for k in splits[0]}
         totals[optimizer] = mean["total"]
-        info[f"{optimizer}|total"] = mean["total"]
-        info[f"{optimizer}|exchange"] = mean["exchange"]
+        for split, value in mean.items():  # grad_reduce, step_other, exchange, total, param_gather
+            info[f"{optimizer}|{split}"] = value
         state = statistics.fmean(rank[optimizer]["state_bytes"] for rank in per_rank)
         info[f"{optimizer}|state"] = state
         emit(

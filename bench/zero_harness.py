@@ -29,21 +29,13 @@ The collectives, their buffers and the ``wire`` rule are the package's own
 from __future__ import annotations
 
 import collections
-import faulthandler
-import logging
-import os
-import socket
-import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from expertopt.demo_comm import (
     DEEPSPEED_OPS,
@@ -53,50 +45,15 @@ from expertopt.demo_comm import (
     sent_bytes,
     signature_of,
 )
+from expertopt.local_ranks import run_local_ranks
 
 __all__ = ["CommCounter", "spawn"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        DS_ACCELERATOR="cpu",
-    )  # no LOCAL_SIZE: DeepSpeed would leave a 69 MB /dev/shm buffer per rank behind (demo.py)
-    faulthandler.enable()  # a rank that dies on a signal prints its Python stack
-    torch.set_num_threads(1)
-    import deepspeed
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.ERROR)
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while a peer's last collective is in flight
-    except Exception:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn(fn: Callable, world_size: int, *args: Any) -> list[Any]:
-    """``fn(rank, world_size, *args)`` on each rank (module-level ``fn``); per-rank results."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
-        return [
-            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
-        ]
+    """``fn(rank, world_size, *args)`` on each rank (module-level ``fn``), joined through
+    ``deepspeed.init_distributed``; per-rank results (:func:`expertopt.local_ranks.run_local_ranks`)."""
+    return run_local_ranks(fn, world_size, *args, deepspeed=True)
 
 
 class CommCounter:

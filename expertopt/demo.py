@@ -14,11 +14,7 @@ is wall clock and the table states its spread.
 
 from __future__ import annotations
 
-import faulthandler
 import json
-import os
-import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +23,7 @@ from typing import Any
 import torch
 
 from expertopt.demo_config import DemoConfig
+from expertopt.local_ranks import run_local_ranks
 
 __all__ = ["PLOT_NAME", "RESULTS_NAME", "format_table", "launch", "plot_losses", "run_demo"]
 
@@ -35,52 +32,17 @@ RESULTS_NAME = "demo_results.json"
 _LABELS = {"muon": "Muon (expertopt)", "adamw": "AdamW"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank: int, config: DemoConfig, port: int, out_file: str) -> None:
-    """Entry point of each spawned process: environment, process group, training.
-
-    No ``LOCAL_SIZE``: with it DeepSpeed's CPU accelerator maps a 69 MB shared-memory all-reduce
-    buffer per rank (used only by its inference all-reduce) and never unlinks it, so every run
-    would leave ``world`` x 69 MB in ``/dev/shm`` (RAM) behind.
-    """
-    faulthandler.enable()  # a rank that dies on a signal prints its Python stack
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(config.world), DS_ACCELERATOR="cpu",
-    )  # fmt: skip
-    torch.set_num_threads(1)  # tiny matrices: intra-op threads cost more than they save
-    import deepspeed
-    import torch.distributed as dist
-
+def _demo_rank(rank: int, world_size: int, config: DemoConfig) -> dict[str, Any] | None:
+    """One rank's training (the process group is up); rank 0 returns the records."""
     from expertopt.demo_train import train_rank
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    try:
-        records = train_rank(config)
-        if records is not None:
-            torch.save(records, out_file)
-        dist.barrier()  # no rank tears gloo down while a peer's last collective is in flight
-    finally:
-        dist.destroy_process_group()
+    return train_rank(config)
 
 
 def launch(config: DemoConfig) -> dict[str, Any]:
-    """Run the demo's ranks as ``config.world`` spawned processes; rank 0's records."""
-    import torch.multiprocessing as mp
-
-    os.environ["DS_ACCELERATOR"] = "cpu"  # children inherit it before they import deepspeed
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "records.pt")
-        mp.start_processes(
-            _rank_main, args=(config, _free_port(), out_file), nprocs=config.world, join=True,
-            start_method="spawn",
-        )  # fmt: skip
-        return torch.load(out_file, weights_only=False)
+    """Run the demo's ranks as ``config.world`` local processes (:mod:`expertopt.local_ranks`,
+    which also keeps DeepSpeed from leaving shared-memory buffers behind); rank 0's records."""
+    return run_local_ranks(_demo_rank, config.world, config, deepspeed=True)[0]
 
 
 def format_table(config: DemoConfig, records: dict[str, Any]) -> str:
