@@ -48,6 +48,7 @@ from expertopt.integrations.deepspeed_zero3 import EXPERT_PLACEMENTS, attach_zer
 from expertopt.integrations.deepspeed_zero3_owners import ZERO3_MUON_GRADIENTS
 from expertopt.optim._base import SharedFiniteCheck
 from expertopt.optim.adamw import AdamW
+from expertopt.optim.expert import MoEOptimizer
 from expertopt.optim.muon import Muon
 from expertopt.param_groups import build_param_groups
 
@@ -81,6 +82,13 @@ _ADAMW_GROUP_KEYS = {"lr", "weight_decay", "expert_lr_mult"}
 _ENGINE_KEYS = {"zero0_newton_schulz", "expert_placement", "zero3_muon_gradients"}
 _ADAMW_ENGINE_KEYS = {"expert_placement"}
 ZERO0_MODES = ("owners", "redundant")
+_MOE_OPTIMIZER_UNDER_DEEPSPEED = (
+    "expertopt.MoEOptimizer cannot be DeepSpeed's optimizer: DeepSpeed steps one client optimizer "
+    "on its own flat partitions and copies, which the dense/expert pair does not follow. Pass "
+    "optimizer=expertopt.Muon(expertopt.build_param_groups(model)) instead (expert groups live in "
+    "the same optimizer, with their own process groups, and follow every scheduler), or name "
+    '"optimizer": {"type": "Muon"} in the DeepSpeed config and drop optimizer='
+)
 _NEEDS_GRAD_NORM = (
     '"zero_optimization": {"compute_grad_norm": false} is not supported with expertopt\'s optimizers: '
     "at ZeRO-1/2 every rank skips a non-finite step on DeepSpeed's global gradient norm, so that all "
@@ -227,8 +235,15 @@ def _initialize(ds_initialize: Callable[..., Any], *args: Any, **kwargs: Any) ->
     )
     block = (loaded or {}).get("optimizer")
     spec = parse_optimizer_config(block) if block else None
+    if isinstance(given.get("optimizer"), MoEOptimizer):
+        raise ValueError(_MOE_OPTIMIZER_UNDER_DEEPSPEED)
     if spec is not None:
         given.update(_engine_arguments(spec, block, loaded, from_args, given))
+    elif isinstance(given.get("optimizer"), (Muon, AdamW)) and loaded is not None:
+        # The optimizer-object door: the same config treatment as the config door.
+        given.update(
+            _config_arguments(_config_for_expertopt(loaded, _check_supported(loaded)), from_args, given)
+        )
     with transformers_registry_shim(loaded):
         engine, engine_optimizer, loader, scheduler = ds_initialize(*call.args, **call.kwargs)
     attach(engine, **(spec.engine_options if spec is not None else {}))
@@ -250,6 +265,30 @@ def _engine_arguments(
         raise ValueError("expertopt.initialize needs the model to route its parameters")
     stage = _check_supported(loaded)
     _check_stage3_options(spec.engine_options, stage)
+    loaded = _config_for_expertopt(loaded, stage)
+    arguments = {
+        "optimizer": _optimizer_factory(
+            model, spec, stage, given.get("model_parameters") is None, _wrapped_at_zero0(loaded, stage)
+        ),
+        # DeepSpeed maps these onto AutoEP's replacements and hands them to the optimizer callable.
+        "model_parameters": normalize(given.get("model_parameters")),
+    }
+    return arguments | _config_arguments(loaded, from_args, given)
+
+
+def _config_arguments(loaded: dict[str, Any], from_args: bool, given: dict[str, Any]) -> dict[str, Any]:
+    """The ``deepspeed.initialize`` arguments that hand DeepSpeed ``loaded`` as its config."""
+    arguments: dict[str, Any] = {"config": loaded, "config_params": None}
+    if from_args:  # DeepSpeed refuses a config both in args and as an argument
+        arguments["args"] = copy.copy(given["args"])
+        arguments["args"].deepspeed_config = None
+    return arguments
+
+
+def _config_for_expertopt(loaded: dict[str, Any], stage: int) -> dict[str, Any]:
+    """The config DeepSpeed gets with expertopt's optimizer, whichever door it came by: no
+    optimizer block, expertopt's optimizers allowed under ZeRO (and with CPU offload), and at
+    ZeRO-1/2 gradients reduced to their partition owner unless the user says otherwise."""
     loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
     loaded["zero_allow_untested_optimizer"] = True
     if stage == 3 and (loaded["zero_optimization"].get("offload_optimizer") or {}).get("device") == "cpu":
@@ -267,19 +306,7 @@ def _engine_arguments(
         zero = dict(loaded["zero_optimization"])
         zero.setdefault("use_multi_rank_bucket_allreduce", False)
         loaded["zero_optimization"] = zero
-    arguments = {
-        "optimizer": _optimizer_factory(
-            model, spec, stage, given.get("model_parameters") is None, _wrapped_at_zero0(loaded, stage)
-        ),
-        # DeepSpeed maps these onto AutoEP's replacements and hands them to the optimizer callable.
-        "model_parameters": normalize(given.get("model_parameters")),
-        "config": loaded,
-        "config_params": None,
-    }
-    if from_args:  # DeepSpeed refuses a config both in args and as an argument
-        arguments["args"] = copy.copy(given["args"])
-        arguments["args"].deepspeed_config = None
-    return arguments
+    return loaded
 
 
 _ORIGINAL = "__expertopt_original__"  # marks the patched deepspeed.initialize, holds the original
