@@ -229,6 +229,27 @@ def _nonfinite_case(rank: int) -> dict:
     }
 
 
+def _discarded_backward_case(rank: int) -> bool:
+    """A backward discarded by ``zero_grad`` leaves nothing behind in the owners' gradients:
+    backward, zero_grad, backward, step lands on the bits of backward, step."""
+
+    def engine_():
+        torch.manual_seed(0)
+        model = ToyMoE()
+        config = _ds_config("Muon", 1, 0.05)
+        return expertopt.initialize(model=model, model_parameters=toy_head_groups(model), config=config)[0]
+
+    mine = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+    discarded, straight = engine_(), engine_()
+    discarded.backward(_loss(discarded, _global_batch(7, 0)[mine]))
+    discarded.optimizer.zero_grad()
+    _train(discarded, rank, range(1), 1)
+    _train(straight, rank, range(1), 1)
+    return all(
+        torch.equal(a, b) for a, b in zip(_full_weights(discarded), _full_weights(straight), strict=True)
+    )
+
+
 def _all_checks(rank: int, world_size: int, directory: str) -> dict:
     import deepspeed
 
@@ -241,6 +262,7 @@ def _all_checks(rank: int, world_size: int, directory: str) -> dict:
     results["resume"] = _resume_case(rank, directory)
     results["resume_offload"] = _resume_case(rank, directory, offload=True)
     results["nonfinite"] = _nonfinite_case(rank)
+    results["discarded_backward"] = _discarded_backward_case(rank)
     return results
 
 
@@ -293,6 +315,10 @@ def test_zero3_orthogonalizes_each_matrix_once(zero3_results, case):
 @pytest.mark.parametrize("key", ["resume", "resume_offload"])
 def test_zero3_checkpoint_resume_is_bit_identical(zero3_results, key):
     assert all(r[key] for r in zero3_results)
+
+
+def test_zero3_backward_discarded_by_zero_grad_leaves_no_gradient_behind(zero3_results):
+    assert all(r["discarded_backward"] for r in zero3_results)
 
 
 def test_zero3_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(zero3_results):

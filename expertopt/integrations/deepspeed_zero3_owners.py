@@ -5,7 +5,8 @@ then gathers each matrix's reduced pieces to the rank that orthogonalizes it: th
 crosses the wire twice (the reduce-scatter, then the gather). With ``"zero3_muon_gradients":
 "to_owner"`` (the default for dense Muon matrices) each matrix's raw gradient is summed once,
 in DeepSpeed's communication dtype, at its owner (:func:`expertopt.distributed._runtime.reduce_to_owners`),
-accumulated there in fp32 over micro-batches, and only the orthogonalized update travels back
+accumulated there in fp32 over micro-batches (overwritten by the first one after a step or
+``zero_grad``, as DeepSpeed treats its partitions), and only the orthogonalized update travels back
 (in the Newton-Schulz dtype). Momentum lives at the owner. Measured: docs/benchmarks.md, "ZeRO-3
 Muon: reduce straight to the owner".
 
@@ -175,10 +176,17 @@ class GradientsToOwners:
         if averaging != world:
             mine = mine.mul(world / float(averaging))
         mine = mine.to(next(iter(self.units.values())).owned_gradient.device)  # CPU with offload_optimizer
+        # DeepSpeed's own rule for its partitions (``__partition_grads``): the first micro-step
+        # after a step or ``zero_grad`` overwrites, later ones accumulate.
+        accumulate = self.zero.micro_step_id != 0
         position = 0
         for span in landing[dist.get_rank(group=group)]:
             target = span.unit.owned_gradient[span.owned_offset : span.owned_offset + span.numel]
-            target.add_(mine[position : position + span.numel])
+            arrived = mine[position : position + span.numel]
+            if accumulate:
+                target.add_(arrived)
+            else:
+                target.copy_(arrived)
             position += span.numel
 
     def _owned_norm(self) -> Tensor:
