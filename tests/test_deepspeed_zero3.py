@@ -501,12 +501,12 @@ def test_to_owner_refuses_stage3_settings_that_own_the_reduction(settings, messa
 def test_offloaded_muon_exchange_on_a_group_without_cpu_support_is_refused(monkeypatch):
     from types import SimpleNamespace
 
-    import expertopt.integrations.deepspeed_zero3 as zero3
+    import expertopt.integrations.deepspeed_shards as shards
 
     unit = SimpleNamespace(plan=SimpleNamespace(local_only=False), group=None)
     placements = [(torch.zeros(4), unit)]
-    monkeypatch.setattr(zero3.dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
-    zero3._check_offloaded_exchange(placements)  # gloo carries the CPU partitions
-    monkeypatch.setattr(zero3.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(shards.dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    shards.check_offloaded_exchange(placements)  # gloo carries the CPU partitions
+    monkeypatch.setattr(shards.dist, "get_backend", lambda group=None: "nccl")
     with pytest.raises(ValueError, match='cannot carry CPU tensors: remove "offload_optimizer"'):
-        zero3._check_offloaded_exchange(placements)
+        shards.check_offloaded_exchange(placements)

@@ -41,6 +41,7 @@ from expertopt.integrations._autoep_compat import transformers_registry_shim
 from expertopt.integrations._model_parameters import normalize, route_model_parameters
 from expertopt.integrations.deepspeed_shards import (
     bf16_optimizer_placements,
+    check_offloaded_exchange,
     zero0_placements,
     zero12_placements,
 )
@@ -291,9 +292,11 @@ def _config_for_expertopt(loaded: dict[str, Any], stage: int) -> dict[str, Any]:
     ZeRO-1/2 gradients reduced to their partition owner unless the user says otherwise."""
     loaded = {k: v for k, v in loaded.items() if k != "optimizer"}
     loaded["zero_allow_untested_optimizer"] = True
-    if stage == 3 and (loaded["zero_optimization"].get("offload_optimizer") or {}).get("device") == "cpu":
+    offload = (loaded.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device")
+    if stage > 0 and offload == "cpu":
         # DeepSpeed refuses a client optimizer with CPU offload unless told otherwise: expertopt's
-        # steps run on the CPU partitions as they are (tests/test_deepspeed_zero3.py, offload cases).
+        # steps run on the CPU partitions as they are (tests/test_deepspeed_zero3.py and
+        # tests/test_deepspeed_optimizer_object.py, offload cases).
         if loaded.get("zero_force_ds_cpu_optimizer") is True:
             raise ValueError(
                 '"zero_force_ds_cpu_optimizer": true makes DeepSpeed refuse expertopt\'s optimizer with '
@@ -593,4 +596,6 @@ def attach(
     if not isinstance(optimizer, Muon):
         optimizer.rebind_state()  # AdamW is elementwise: the flat partitions are all it needs
         return
-    optimizer.place_shards(zero12_placements(optimizer, zero))
+    placements = zero12_placements(optimizer, zero)
+    check_offloaded_exchange(placements)
+    optimizer.place_shards(placements)

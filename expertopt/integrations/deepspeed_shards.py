@@ -31,7 +31,13 @@ from expertopt.distributed.step import ShardedMatrices
 from expertopt.optim.muon import Muon
 from expertopt.updates.muon import matrix_view_options
 
-__all__ = ["bf16_optimizer_placements", "shard_unit", "zero0_placements", "zero12_placements"]
+__all__ = [
+    "bf16_optimizer_placements",
+    "check_offloaded_exchange",
+    "shard_unit",
+    "zero0_placements",
+    "zero12_placements",
+]
 
 Placements = list[tuple[Tensor, ShardedMatrices]]
 
@@ -50,6 +56,21 @@ def shard_unit(
         device=like.device,
         gradients_at_owner=gradients_at_owner,
     )
+
+
+def check_offloaded_exchange(placements: list) -> None:
+    """With ``offload_optimizer`` (any ZeRO stage) the partitions, and so the owners' exchange,
+    are CPU tensors: refuse, with the fix, a process group that cannot carry them (NCCL) instead
+    of failing in the first step. Tested on gloo only (no GPU yet)."""
+    for flat, unit in placements:
+        if flat.device.type == "cpu" and not unit.plan.local_only:
+            backend = str(dist.get_backend(unit.group))
+            if "gloo" not in backend:
+                raise ValueError(
+                    f'"offload_optimizer" keeps the Muon partitions on the CPU, and their owners\' exchange runs '
+                    f"on a {backend!r} process group that cannot carry CPU tensors: remove "
+                    '"offload_optimizer" for Muon (AdamW needs no exchange)'
+                )
 
 
 def zero12_placements(optimizer: Muon, zero: Any) -> Placements:

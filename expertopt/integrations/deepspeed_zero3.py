@@ -37,7 +37,7 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import is_invalid_grad_norm
 
 from expertopt.distributed.layout import param_partition_layout
-from expertopt.integrations.deepspeed_shards import shard_unit
+from expertopt.integrations.deepspeed_shards import check_offloaded_exchange, shard_unit
 from expertopt.integrations.deepspeed_zero3_owners import (
     DEFAULT_ZERO3_MUON_GRADIENTS,
     GradientsToOwners,
@@ -116,21 +116,6 @@ def zero3_placements(optimizer: Muon, zero: Any, muon_gradients: str | None = No
     return placements, served
 
 
-def _check_offloaded_exchange(placements: list) -> None:
-    """With ``offload_optimizer`` the partitions, and so the owners' exchange, are CPU tensors:
-    refuse, with the fix, a process group that cannot carry them (NCCL) instead of failing in
-    the first step. Tested on gloo only (no GPU yet)."""
-    for flat, unit in placements:
-        if flat.device.type == "cpu" and not unit.plan.local_only:
-            backend = str(dist.get_backend(unit.group))
-            if "gloo" not in backend:
-                raise ValueError(
-                    f'"offload_optimizer" keeps the Muon partitions on the CPU, and their owners\' exchange runs '
-                    f"on a {backend!r} process group that cannot carry CPU tensors: remove "
-                    '"offload_optimizer" for Muon at ZeRO-3 (AdamW is served)'
-                )
-
-
 def _is_autoep_expert(param: Any) -> bool:
     return getattr(param, "ds_zero_placement_family", None) == "autoep_expert"
 
@@ -186,7 +171,7 @@ def attach_zero3(
     try:
         if isinstance(optimizer, Muon):
             placements, served = zero3_placements(optimizer, zero, muon_gradients)
-            _check_offloaded_exchange(placements)
+            check_offloaded_exchange(placements)
             if served:
                 check_supported(zero)
             optimizer.place_shards(placements)
