@@ -293,3 +293,59 @@ def test_reduce_to_owner_bytes_and_parity(benchmark, report_line):
         assert not torch.allclose(landed, start[rank], atol=1e-3)  # the steps moved the weights
         torch.testing.assert_close(to_owner, landed, atol=PARITY_ATOL, rtol=0)
     assert info["ratio_b_a"] < 1  # B drops the fp32 gather; the reduce costs the reduce-scatter's ring bytes
+
+
+# -- Time of the two reductions on gloo ---------------------------------------------------------
+# In the engine, to_owner's train step measured 1.11x reduce_scatter's on loopback gloo although
+# it sends 0.863x the bytes (docs/benchmarks.md). This times the reductions alone on the same
+# bytes: the Muon gradients of ``MUON_SHAPES`` (fp32), reduced to their owners with the library's
+# ``reduce_to_owners`` (one ``dist.reduce`` per owner) against one ``reduce_scatter_tensor`` of
+# the same buffer, interleaved, ``TIMED_ROUNDS`` rounds after a warm-up; the slowest rank counts.
+TIMED_ROUNDS = 15
+
+
+def measure_reduction_time(rank: int, world_size: int) -> dict[str, list[float]]:
+    import time
+
+    from expertopt.distributed._runtime import reduce_to_owners
+    from expertopt.distributed.layout import param_partition_layout
+    from expertopt.distributed.step import ShardedMatrices
+
+    layout = param_partition_layout(MUON_SHAPES, _chunks(MUON_SHAPES), WORLD)
+    shards = ShardedMatrices(layout, rank)
+    fulls = _gradients(rank, 0, MUON_SHAPES, seed=7)
+    flat = torch.cat([f.reshape(-1) for f in fulls])
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % WORLD)])
+    times: dict[str, list[float]] = {"reduce_to_owners": [], "reduce_scatter_tensor": []}
+    for round_ in range(TIMED_ROUNDS + 2):
+        sends: dict[int, list[Tensor]] = {}
+        for index, owner in enumerate(shards.owners):
+            sends.setdefault(owner, []).append(fulls[layout.matrices[index].param].reshape(-1))
+        dist.barrier()
+        start = time.perf_counter()
+        reduce_to_owners(sends)
+        middle = time.perf_counter()
+        dist.barrier()
+        middle_synced = time.perf_counter()
+        dist.reduce_scatter_tensor(flat.new_empty(flat.numel() // WORLD), flat.clone())
+        end = time.perf_counter()
+        if round_ >= 2:
+            times["reduce_to_owners"].append(middle - start)
+            times["reduce_scatter_tensor"].append(end - middle_synced)
+    return times
+
+
+def test_reduction_time_on_gloo(benchmark, report_line):
+    per_rank = benchmark.pedantic(spawn, args=(measure_reduction_time, WORLD), rounds=1, iterations=1)
+    medians = {
+        kind: statistics.median(max(rank[kind][i] for rank in per_rank) for i in range(TIMED_ROUNDS))
+        for kind in ("reduce_to_owners", "reduce_scatter_tensor")
+    }
+    ratio = medians["reduce_to_owners"] / medians["reduce_scatter_tensor"]
+    report_line(
+        f"gloo, {WORLD} ranks, {sum(math.prod(s) for s in MUON_SHAPES)} fp32 Muon gradient elements: "
+        f"reduce to owners / reduce_scatter_tensor time {ratio:.2f} "
+        f"(median of {TIMED_ROUNDS} rounds, slowest rank; same bytes under the ring rule)"
+    )
+    benchmark.extra_info["reduce_to_owners_vs_reduce_scatter_time"] = ratio
+    assert all(len(rank["reduce_to_owners"]) == TIMED_ROUNDS for rank in per_rank)
