@@ -282,13 +282,15 @@ def test_trainer_factory_resume_continues_bit_identically(tmp_path):
 AUTOEP_SIZE = 2
 
 
-def deepspeed_config(scheduler_block: bool) -> dict:
-    """ZeRO-2 with AutoEP over both ranks; "auto" values are filled by the Trainer from its arguments."""
+def deepspeed_config(scheduler_block: bool, stage: int = 2) -> dict:
+    """ZeRO-2 (or 3, every parameter partitioned) with AutoEP over both ranks; "auto" values are
+    filled by the Trainer from its arguments."""
     config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": stage}
+        | ({"stage3_param_persistence_threshold": 0} if stage == 3 else {}),
         "expert_parallel": {"enabled": True, "autoep_size": AUTOEP_SIZE, "preset_model": "qwen3_moe"},
         "optimizer": {
             "type": "Muon",
@@ -330,13 +332,15 @@ def basic_optimizer(optimizer):
     return optimizer
 
 
-def train_with_deepspeed(output_dir: str, scheduler_block: bool, resume_from: str | None = None):
+def train_with_deepspeed(
+    output_dir: str, scheduler_block: bool, resume_from: str | None = None, stage: int = 2
+):
     expertopt.patch_deepspeed()
     recorder = RecordEngineGroups()
     args = training_args(
         output_dir,
         SEQUENCES // AUTOEP_SIZE,
-        deepspeed=deepspeed_config(scheduler_block),
+        deepspeed=deepspeed_config(scheduler_block, stage),
         learning_rate=LR,
         weight_decay=0.1,
         save_strategy="steps",
@@ -369,6 +373,25 @@ def engine_summary(trainer, recorder) -> dict:
     }
 
 
+def zero3_summary(trainer, recorder) -> dict:
+    """At ZeRO-3 (the Trainer builds the model under ``deepspeed.zero.Init``): optimizer class,
+    how dense Muon gradients reach their owners, lrs, losses and the gathered weights."""
+    import deepspeed
+
+    engine = trainer.model_wrapped
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        weights = {n: p.detach().clone() for n, p in params.items()}
+    units = engine.basic_optimizer.shard_units
+    return {
+        "optimizer": type(engine.basic_optimizer),
+        "units_to_owner": sum(u.gradients_at_owner for u in units),
+        "lrs": recorder.lrs,
+        "losses": losses(trainer),
+        "weights": weights,
+    }
+
+
 def is_autoep_expert(param: torch.Tensor) -> bool:
     return getattr(param, "ds_zero_placement_family", None) == "autoep_expert"
 
@@ -382,7 +405,9 @@ def _autoep_rank(rank: int, world_size: int, shared_dir: str) -> dict:
     )
     ds_scheduled = engine_summary(*train_with_deepspeed(f"{shared_dir}/c", scheduler_block=True))
     refusal = factory_refusal_under_deepspeed(f"{shared_dir}/d")
+    zero3 = zero3_summary(*train_with_deepspeed(f"{shared_dir}/e", scheduler_block=False, stage=3))
     return {
+        "zero3": zero3,
         "uninterrupted": uninterrupted,
         "resumed": resumed,
         "ds_scheduled": ds_scheduled,
@@ -430,6 +455,20 @@ def test_deepspeed_trainer_builds_expertopt_with_autoep_expert_groups(autoep_run
         assert sorted(experts) == [f"model.layers.{i}.mlp.experts.w{j}" for i in range(2) for j in (1, 2, 3)]
         muon = next(g for g in groups if g["name"] == "muon")
         assert "model.layers.0.mlp.router.gate.weight" in muon["params"]  # AutoEP moved it
+
+
+@pytest.mark.slow
+def test_deepspeed_trainer_at_zero3_trains_like_zero2(autoep_runs):
+    """The same Trainer run at ZeRO-3 (parameters partitioned, AutoEP experts replicated over EDP,
+    dense Muon gradients reduced to their owners) lands where ZeRO-2 does."""
+    for rank_runs in autoep_runs:
+        zero2, zero3 = rank_runs["uninterrupted"], rank_runs["zero3"]
+        assert zero3["optimizer"] is expertopt.Muon
+        assert zero3["units_to_owner"] > 0
+        assert zero3["lrs"] == zero2["lrs"]
+        assert zero3["losses"] == pytest.approx(zero2["losses"], rel=1e-5)
+        for name, value in zero2["weights"].items():
+            torch.testing.assert_close(zero3["weights"][name], value, atol=TOLERANCE, rtol=0, msg=name)
 
 
 @pytest.mark.slow
