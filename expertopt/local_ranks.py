@@ -40,6 +40,7 @@ def free_port() -> int:
 def _rank(
     rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, deepspeed: bool
 ) -> None:
+    os.environ.pop("LOCAL_SIZE", None)  # see the module docstring
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -75,15 +76,23 @@ def run_local_ranks(fn: Callable, world_size: int, *args: Any, deepspeed: bool =
     ``fn`` must be importable (module level) so spawn can pickle it; its results go through
     ``torch.save``. ``deepspeed``: join through ``deepspeed.init_distributed`` (gloo).
     """
-    os.environ["DS_ACCELERATOR"] = "cpu"  # children inherit it before they import deepspeed
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _rank,
-            args=(world_size, free_port(), out_dir, fn, args, deepspeed),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
-        return [
-            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
-        ]
+    previous = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = "cpu"  # children inherit it before they unpickle fn (and its imports)
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            mp.start_processes(
+                _rank,
+                args=(world_size, free_port(), out_dir, fn, args, deepspeed),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
+            return [
+                torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+                for r in range(world_size)
+            ]
+    finally:
+        if previous is None:
+            os.environ.pop("DS_ACCELERATOR", None)
+        else:
+            os.environ["DS_ACCELERATOR"] = previous

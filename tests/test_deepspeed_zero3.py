@@ -229,6 +229,26 @@ def _nonfinite_case(rank: int) -> dict:
     }
 
 
+def _mismatched_resume_case(rank: int, directory: str) -> str:
+    """Momentum saved partition-shaped ("reduce_scatter") cannot load into owner-shaped momentum
+    ("to_owner"): the topology check refuses it, naming the cause, before DeepSpeed loads."""
+
+    def engine_(gradients: str):
+        torch.manual_seed(0)
+        model = ToyMoE()
+        config = _ds_config("Muon", 1, 0.05, gradients)
+        return expertopt.initialize(model=model, model_parameters=toy_head_groups(model), config=config)[0]
+
+    saved = engine_("reduce_scatter")
+    _train(saved, rank, range(1), 1)
+    saved.save_checkpoint(directory, tag="reduce-scatter")
+    try:
+        engine_("to_owner").load_checkpoint(directory, tag="reduce-scatter")
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def _discarded_backward_case(rank: int) -> bool:
     """A backward discarded by ``zero_grad`` leaves nothing behind in the owners' gradients:
     backward, zero_grad, backward, step lands on the bits of backward, step."""
@@ -263,6 +283,7 @@ def _all_checks(rank: int, world_size: int, directory: str) -> dict:
     results["resume_offload"] = _resume_case(rank, directory, offload=True)
     results["nonfinite"] = _nonfinite_case(rank)
     results["discarded_backward"] = _discarded_backward_case(rank)
+    results["mismatched_resume"] = _mismatched_resume_case(rank, directory)
     return results
 
 
@@ -315,6 +336,12 @@ def test_zero3_orthogonalizes_each_matrix_once(zero3_results, case):
 @pytest.mark.parametrize("key", ["resume", "resume_offload"])
 def test_zero3_checkpoint_resume_is_bit_identical(zero3_results, key):
     assert all(r[key] for r in zero3_results)
+
+
+def test_zero3_resume_under_another_momentum_layout_is_refused(zero3_results):
+    for result in zero3_results:
+        message = result["mismatched_resume"]
+        assert "shard_descriptions" in message and "zero3_muon_gradients" in message, message
 
 
 def test_zero3_backward_discarded_by_zero_grad_leaves_no_gradient_behind(zero3_results):
@@ -479,8 +506,16 @@ def test_autoep_experts_at_zero3_match_reference_without_exchange(autoep_zero3_r
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"all2all_process_group": object()}, "zero_quantized_gradients"),
-        ({"gradient_predivide_factor": 2.0}, "gradient_predivide_factor"),
+        (
+            {"all2all_process_group": object()},
+            'zero_quantized_gradients.*"zero3_muon_gradients": "reduce_scatter"',
+        ),
+        (
+            {"model_parallel_group": object()},
+            'model \\(tensor\\) parallelism.*"zero3_muon_gradients": "reduce_scatter"',
+        ),
+        ({"torch_autocast_gradscaler": object()}, 'autocast.*"zero3_muon_gradients": "reduce_scatter"'),
+        ({"reduce_scatter": False}, "reduce_scatter.: false bypasses the reduction to owners"),
     ],
 )
 def test_to_owner_refuses_stage3_settings_that_own_the_reduction(settings, message):
@@ -489,13 +524,30 @@ def test_to_owner_refuses_stage3_settings_that_own_the_reduction(settings, messa
     from expertopt.integrations.deepspeed_zero3_owners import check_supported
 
     zero = SimpleNamespace(
-        all2all_process_group=None, postscale_gradients=True, gradient_predivide_factor=1.0
+        reduce_scatter=True,
+        all2all_process_group=None,
+        model_parallel_group=None,
+        torch_autocast_gradscaler=None,
     )
     check_supported(zero)  # DeepSpeed's defaults are served
     for key, value in settings.items():
         setattr(zero, key, value)
-    with pytest.raises(ValueError, match=f'{message}.*"zero3_muon_gradients": "reduce_scatter"'):
+    with pytest.raises(ValueError, match=message):
         check_supported(zero)
+
+
+@pytest.mark.parametrize(
+    ("zero_block", "message"),
+    [
+        ({"offload_optimizer": {"device": "cpu", "super_offload": True}}, 'remove "super_offload"'),
+        ({"zenflow": {"topk_ratio": 0.1}}, 'remove "zenflow"'),
+    ],
+)
+def test_zero3_settings_that_replace_the_client_step_are_refused(zero_block, message):
+    config = _ds_config("Muon", 1, 0.0)
+    config["zero_optimization"].update(zero_block)
+    with pytest.raises(ValueError, match=message):
+        expertopt.initialize(model=ToyMoE(), config=config)
 
 
 def test_offloaded_muon_exchange_on_a_group_without_cpu_support_is_refused(monkeypatch):

@@ -139,7 +139,8 @@ def reduce_to_owners(
     sends: dict[int, list[Tensor]], group: dist.ProcessGroup | None = None, average: bool = True
 ) -> Tensor | None:
     """Sum every rank's ``sends[owner]`` (the same sizes on every rank) at ``owner`` (a rank of
-    ``group``): one coalesced ``dist.reduce`` per owner, in owner order on every rank. With
+    ``group``): one coalesced ``dist.reduce`` per owner present in ``sends`` (per call: DeepSpeed's
+    glue calls it once per gradient bucket), in owner order on every rank. With
     ``average``, each rank's share is divided by the group size first, as DeepSpeed's
     reduce-scatter does. Returns the flat sum this rank owns (None if it owns nothing here)."""
     world = dist.get_world_size(group=group)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -30,6 +31,7 @@ from typing import Any
 import deepspeed
 import deepspeed.comm as ds_dist
 import torch
+import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
@@ -213,6 +215,11 @@ def _check_supported(config: dict[str, Any]) -> int:
         check_zero3_config(config["zero_optimization"])
     if stage in (1, 2) and config["zero_optimization"].get("compute_grad_norm", True) is False:
         raise ValueError(_NEEDS_GRAD_NORM)
+    if stage in (1, 2) and config["zero_optimization"].get("zenflow"):
+        raise ValueError(
+            '"zero_optimization.zenflow" replaces the optimizer step and its clipping with its own, which '
+            'expertopt\'s optimizers do not follow: remove "zenflow"'
+        )
     return stage
 
 
@@ -488,7 +495,20 @@ def topology(engine: Any) -> dict[str, Any]:
         "data_parallel_size": engine.dp_world_size,
         "expert_groups": sorted({p.group_name for p in engine.module.parameters() if is_moe_param(p)}),
         "optimizer_state": {0: "whole parameters", 3: "ZeRO-3 partitions"}.get(stage, "flat ZeRO partitions"),
+        "shard_descriptions": _shard_descriptions(engine),
     }
+
+
+def _shard_descriptions(engine: Any) -> list[str]:
+    """Every rank's digest of its placed units (layouts, owners, whether gradients arrive at the
+    owner): Muon momentum is laid out by them (whole owned matrices with ZeRO-3's "to_owner"),
+    and a resume under other owners (another ``ns_method``, ``zero3_muon_gradients`` or expertopt
+    version) would read it into the wrong matrices. A collective: every rank calls it."""
+    units = getattr(engine.basic_optimizer, "shard_units", [])
+    mine = hashlib.sha256(b"".join(unit.fingerprint() for unit in units)).hexdigest()[:16]
+    everyone: list[str | None] = [None] * ds_dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return [str(digest) for digest in everyone]
 
 
 def _save_with_topology(engine: Any, save: Callable[..., Any]) -> Callable[..., Any]:
@@ -496,9 +516,10 @@ def _save_with_topology(engine: Any, save: Callable[..., Any]) -> Callable[..., 
     def save_checkpoint(save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
         tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"  # DeepSpeed's default
         result = save(save_dir, tag, *args, **kwargs)
+        record = topology(engine)  # on every rank: it gathers the shard descriptions
         if ds_dist.get_rank() == 0:
             with open(os.path.join(save_dir, tag, TOPOLOGY_FILE), "w") as handle:
-                json.dump(topology(engine), handle, indent=1)
+                json.dump(record, handle, indent=1)
         ds_dist.barrier()
         return result
 
@@ -539,13 +560,21 @@ def check_topology(engine: Any, load_dir: str, tag: Any = None) -> None:
     with open(path) as handle:
         saved = json.load(handle)
     current = topology(engine)
-    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    # Keys a record lacks were not recorded yet (older expertopt): they pass, except the shard
+    # descriptions where momentum may now be laid out by owner (ZeRO-3 "to_owner").
+    owner_laid = any(u.gradients_at_owner for u in getattr(engine.basic_optimizer, "shard_units", []))
+    changed = {
+        k: (saved.get(k), v)
+        for k, v in current.items()
+        if (k in saved or (k == "shard_descriptions" and owner_laid)) and saved.get(k) != v
+    }
     if changed:
         details = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
         raise ValueError(
             f"checkpoint {os.path.join(load_dir, str(tag))} holds expertopt optimizer state for another "
             f"topology ({details}). Optimizer state cannot be resharded yet: resume with the saved "
-            "world size, expert-parallel sizes and ZeRO stage family, or load the weights only with "
+            "world size, expert-parallel sizes, ZeRO stage family and Muon settings that place the "
+            "matrices (ns_method, zero3_muon_gradients), or load the weights only with "
             "engine.load_checkpoint(..., load_optimizer_states=False, load_lr_scheduler_states=False)"
         )
 

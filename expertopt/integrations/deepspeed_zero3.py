@@ -74,6 +74,16 @@ def check_zero3_config(zero_config: dict[str, Any]) -> None:
                 "optimizers at ZeRO-3 (NVMe swapping replaces the partitions the optimizer state is keyed "
                 f'by between steps); use "device": "cpu" or remove "{key}"'
             )
+    if (zero_config.get("offload_optimizer") or {}).get("super_offload"):
+        raise ValueError(
+            '"offload_optimizer.super_offload" steps its own CPU Adam in place of the client optimizer, '
+            'so expertopt\'s optimizer would not run: remove "super_offload"'
+        )
+    if zero_config.get("zenflow"):
+        raise ValueError(
+            '"zero_optimization.zenflow" replaces the optimizer step and its clipping with its own, which '
+            'expertopt\'s optimizers do not follow: remove "zenflow"'
+        )
     if zero_config.get("reduce_scatter") is False:
         raise ValueError(
             '"zero_optimization.reduce_scatter": false doubles the gradient bytes at ZeRO-3 and expertopt '

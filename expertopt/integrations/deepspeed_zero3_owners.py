@@ -51,16 +51,26 @@ _STAGE3 = "_DeepSpeedZeroOptimizer_Stage3"
 
 def check_supported(zero: Any) -> None:
     """Refuse, with the fix, the stage-3 settings under which gradients cannot go to owners."""
+    fix = 'set "zero3_muon_gradients": "reduce_scatter" in the config\'s "optimizer.params"'
+    if not zero.reduce_scatter:
+        # DeepSpeed then reduces contiguous buckets without the hook this module wraps.
+        raise ValueError(
+            '"zero_optimization.reduce_scatter": false bypasses the reduction to owners: remove it'
+        )
     if getattr(zero, "all2all_process_group", None) is not None:
         raise ValueError(
             '"zero_quantized_gradients" reduces gradients with its own all-to-all, which cannot send them to '
-            'their Muon owners: drop it, or set "zero3_muon_gradients": "reduce_scatter" in "optimizer.params"'
+            f"their Muon owners: drop it, or {fix}"
         )
-    if zero.postscale_gradients and zero.gradient_predivide_factor != 1.0:
+    if zero.model_parallel_group is not None:
         raise ValueError(
-            f'"gradient_predivide_factor": {zero.gradient_predivide_factor} is not supported with '
-            '"zero3_muon_gradients": "to_owner"; remove it, or set "zero3_muon_gradients": "reduce_scatter" '
-            'in "optimizer.params"'
+            "with model (tensor) parallelism DeepSpeed's gradient norm also sums over the model-parallel "
+            f"group, which the owners' norm does not follow yet: {fix}"
+        )
+    if zero.torch_autocast_gradscaler is not None:
+        raise ValueError(
+            "torch autocast with fp16 unscales only DeepSpeed's gradient partitions (its GradScaler), not "
+            f"the gradients at their owners: use bf16, or {fix}"
         )
 
 
@@ -87,6 +97,7 @@ class GradientsToOwners:
         self.zero = zero
         self.units = {sub_group: unit for sub_group, (unit, _, _) in units.items()}
         self.spans: dict[int, list[_Span]] = {}  # by ds_id
+        self._zero_partition: Tensor | None = None
         for unit, params, options in units.values():
             offsets = dict(zip(unit.plan.owned, unit.plan.owned_offsets, strict=True))
             index = 0
@@ -122,10 +133,10 @@ class GradientsToOwners:
                 dict(zip(map(id, rest), scatter(rest, communication_data_type), strict=True)) if rest else {}
             )
             self._reduce(served, communication_data_type)
+            # DeepSpeed only reads these (copies them into its partitions): one zero buffer serves all.
+            zeros = self._zeros(max(p.partition_numel() for p in served), served[0].grad.device)
             for param in served:
-                partitions[id(param)] = torch.zeros(
-                    param.partition_numel(), dtype=zero.gradient_accumulation_dtype, device=param.grad.device
-                )
+                partitions[id(param)] = zeros[: param.partition_numel()]
             return [partitions[id(p)] for p in params]
 
         def get_norm_groups() -> list[Tensor]:
@@ -157,12 +168,18 @@ class GradientsToOwners:
         zero.unscale_and_clip_grads = unscale_and_clip_grads
         zero.step = step_then_clear
 
+    def _zeros(self, numel: int, device: torch.device) -> Tensor:
+        if self._zero_partition is None or self._zero_partition.numel() < numel:
+            self._zero_partition = torch.zeros(
+                numel, dtype=self.zero.gradient_accumulation_dtype, device=device
+            )
+        return self._zero_partition
+
     def _reduce(self, params: list, communication_data_type: torch.dtype) -> None:
-        """Sum the served parameters' gradients at their owners (averaged over the group, as
-        DeepSpeed's reduce-scatter does) and add them into the owners' fp32 owned gradients."""
+        """Sum the served parameters' gradients at their owners (averaged over their partition
+        group, as DeepSpeed's reduce-scatter does for dense parameters; AutoEP experts, averaged
+        over DP instead, are never served) into the owners' fp32 owned gradients."""
         group = self.zero._get_param_partition_group(params[0])
-        world = dist.get_world_size(group=group)
-        averaging = self.zero._gradient_averaging_world_size(params, world)
         sends: dict[int, list[Tensor]] = {}
         landing: dict[int, list[_Span]] = {}
         for param in params:
@@ -173,8 +190,6 @@ class GradientsToOwners:
         mine = reduce_to_owners(sends, group)
         if mine is None:
             return
-        if averaging != world:
-            mine = mine.mul(world / float(averaging))
         mine = mine.to(next(iter(self.units.values())).owned_gradient.device)  # CPU with offload_optimizer
         # DeepSpeed's own rule for its partitions (``__partition_grads``): the first micro-step
         # after a step or ``zero_grad`` overwrites, later ones accumulate.
@@ -192,12 +207,12 @@ class GradientsToOwners:
     def _owned_norm(self) -> Tensor:
         """The 2-norm of every owned gradient of the world (each element has one owner), on every rank."""
         device = next(iter(self.units.values())).owned_gradient.device
-        squares = torch.zeros((), dtype=torch.float64, device=device)
+        squares = torch.zeros((), dtype=torch.float32, device=device)
         by_group: dict[int, tuple[Any, Tensor]] = {}
         for unit in self.units.values():
             group, total = by_group.setdefault(id(unit.group), (unit.group, squares.clone()))
-            total.add_(unit.owned_gradient.double().square().sum())
+            total.add_(torch.linalg.vector_norm(unit.owned_gradient).square())
         for group, total in by_group.values():
             dist.all_reduce(total, group=group)
             squares.add_(total)
-        return squares.sqrt().float()
+        return squares.sqrt()
