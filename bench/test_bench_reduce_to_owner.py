@@ -2,18 +2,19 @@
 
 Issue 10 asks to try reducing each Muon matrix's gradient straight to its owner instead of
 ZeRO-3's reduce-scatter followed by the gather-to-owner exchange, and to let the measured bytes
-decide. This benchmark builds both at the collective level (no DeepSpeed engine, the library's
-step untouched) on the Muon matrices of the dense ZeRO-3 bench's model (``MUON_SHAPES``), each
+decide. This benchmark runs both with the library's steps at the collective level (no DeepSpeed
+engine: ``bench/test_bench_zero3_comm.py`` measures them inside it) on the Muon matrices of the dense ZeRO-3 bench's model (``MUON_SHAPES``), each
 parameter cut into ``WORLD`` chunks as ZeRO-3 partitions it (``param_partition_layout``), every
 rank starting each step from its own unreduced fp32 gradient of every matrix:
 
-- **A, landed**: ``reduce_scatter_tensor`` of the gradients into the partitions (fp32, averaged,
+- **A, reduce-scatter** (``"zero3_muon_gradients": "reduce_scatter"``): ``reduce_scatter_tensor`` of the gradients into the partitions (fp32, averaged,
   what DeepSpeed does), then :func:`sharded_muon_step` on the partition: momentum there, pieces
   gathered to the owners in fp32, Newton-Schulz, pieces back in the Newton-Schulz dtype.
-- **B, reduce-to-owner**: one coalesced ``reduce`` per owner of the gradients of the matrices it
-  owns (fp32, the same owners), momentum and Newton-Schulz on the whole matrices at the owner,
-  the update sent back to the partition holders with one ``all_to_all_single`` (the landed
-  plan's return trip), applied there with the same arithmetic.
+- **B, reduce-to-owner**: the library's owner path, as the DeepSpeed ZeRO-3 glue runs it
+  (``reduce_to_owners``: one coalesced ``reduce`` per owner of the gradients of the matrices it
+  owns, fp32, the same owners; then ``owner_muon_step``: momentum and Newton-Schulz on the whole
+  matrices at the owner, the update sent back to the partition holders with one
+  ``all_to_all_single``, applied there with the same arithmetic).
 - **AdamW baseline**: the reduce-scatter alone.
 
 Parity: both paths land on the same partitions after ``STEPS`` steps with fp32 Newton-Schulz.
@@ -105,65 +106,30 @@ def _step_landed(fulls, partition, momentum, shards, hyper, counter) -> None:
         sharded_muon_step([partition], [grad], [momentum], shards, hyper)
 
 
-def _reduce_to_owners(fulls: list[Tensor], shards, rooted: list[float]) -> Tensor:
-    """One coalesced fp32 reduce per owner; returns this rank's owned matrices, averaged, back to back.
-
-    ``rooted`` accumulates the root-aware bytes this rank sends (pipelined reduce: a non-root
-    sends the whole buffer once, the root nothing)."""
-    owned = fulls[0].new_empty(0)
-    for owner in range(WORLD):
-        indices = [i for i, o in enumerate(shards.owners) if o == owner]
-        if not indices:
-            continue
-        buffer = torch.cat([fulls[shards.layout.matrices[i].param] for i in indices])
-        dist.reduce(buffer, dst=owner)
-        if owner == shards.rank:
-            owned = buffer.div_(WORLD)
-        else:
-            rooted[0] += buffer.numel() * buffer.element_size()
-    return owned
-
-
-def _return_updates(results: list[Tensor], shards, reply_dtype, like: Tensor) -> Tensor:
-    """Send every partition holder its pieces of the owner's updates (the landed return trip)."""
-    plan = shards.plan
-    flat = (
-        torch.cat([r.reshape(-1) for r in results]).to(reply_dtype)
-        if results
-        else like.new_empty(0, dtype=reply_dtype)
-    )
-    reply = torch.cat([flat[o : o + n] for _, o, n in plan.reply_runs]) if plan.reply_runs else flat[:0]
-    returned = reply.new_empty(sum(plan.update_sizes))
-    dist.all_to_all_single(returned, reply, list(plan.update_sizes), list(plan.reply_sizes))
-    update = torch.zeros_like(like)
-    if plan.update_runs:
-        targets = [update[o : o + n] for _, o, n in plan.update_runs]
-        torch._foreach_copy_(targets, list(returned.split([n for _, _, n in plan.update_runs])))
-    return update
+def _sends(fulls: list[Tensor], shards) -> dict[int, list[Tensor]]:
+    """Every matrix's full gradient, by owner, in matrix order (what ``reduce_to_owners`` takes)."""
+    sends: dict[int, list[Tensor]] = {}
+    for index, owner in enumerate(shards.owners):
+        sends.setdefault(owner, []).append(fulls[shards.layout.matrices[index].param].reshape(-1))
+    return sends
 
 
 def _step_to_owner(fulls, partition, owned_momentum, shards, hyper, counter, rooted) -> None:
-    from expertopt.updates.muon import blend_momentum, orthogonalize_updates
+    """The library's owner path, as the DeepSpeed ZeRO-3 glue runs it: ``reduce_to_owners`` into
+    the unit's owned gradient, then ``owner_muon_step``. ``rooted`` accumulates the root-aware
+    bytes this rank sends (pipelined reduce: a non-root sends the whole buffer once, the root
+    nothing)."""
+    from expertopt.distributed._runtime import reduce_to_owners
+    from expertopt.distributed.step import owner_muon_step
 
+    sends = _sends(fulls, shards)
+    rooted[0] += sum(t.numel() * t.element_size() for o, ts in sends.items() if o != shards.rank for t in ts)
     with counter.during("reduce"):
-        owned = _reduce_to_owners(fulls, shards, rooted)
-    (direction,) = blend_momentum([owned], [owned_momentum], momentum=hyper.momentum, nesterov=hyper.nesterov)
-    matrices = [shards.layout.matrices[i] for i in shards.plan.owned]
-    views = [
-        direction[o : o + m.numel].view(m.rows, m.cols)
-        for o, m in zip(shards.plan.owned_offsets, matrices, strict=True)
-    ]
-    results = orthogonalize_updates(
-        views, method=hyper.ns_method, steps=hyper.ns_steps, coefficients=hyper.ns_coefficients,
-        eps=hyper.eps, dtype=hyper.ns_dtype,
-    ) if views else []  # fmt: skip
-    reply_dtype = shards.reply_dtype(hyper.ns_method, hyper.ns_dtype, partition)
+        owned = reduce_to_owners(sends)
+    if owned is not None:
+        shards.owned_gradient.copy_(owned)
     with counter.during("exchange"):
-        update = _return_updates(results, shards, reply_dtype, partition)
-    # sharded_muon_step's apply on a ZeRO partition: decay, then one addcmul with the lr factors.
-    partition.mul_(1 - hyper.lr * hyper.weight_decay)
-    (scale,) = shards.lr_scales(hyper.adjust_lr_fn, partition)
-    partition.addcmul_(update, scale, value=-hyper.lr)
+        owner_muon_step([partition], owned_momentum, shards, hyper)
 
 
 def _run(rank: int, path: str, ns_dtype: str, steps: int, counter: CommCounter) -> dict[str, Any]:
@@ -172,12 +138,12 @@ def _run(rank: int, path: str, ns_dtype: str, steps: int, counter: CommCounter) 
 
     chunks = _chunks(MUON_SHAPES)
     layout = param_partition_layout(MUON_SHAPES, chunks, WORLD)
-    shards = ShardedMatrices(layout, rank)
+    shards = ShardedMatrices(layout, rank, gradients_at_owner=path == "to_owner")
     if any(m.numel != math.prod(s) for m, s in zip(layout.matrices, MUON_SHAPES, strict=True)):
         raise ValueError("MUON_SHAPES must be 2-D weights: one matrix per parameter")
     weights = _gradients(0, -1, MUON_SHAPES, seed=7)  # the same initial weights on every rank
     partition = _scatter_input(weights, chunks).view(WORLD, -1)[rank].clone()
-    momentum = torch.zeros(shards.plan.owned_numel if path == "to_owner" else partition.numel())
+    momentum = shards.new_momentum(partition)  # the partition's, or the owned matrices' (to_owner)
     hyper, rooted = _hyper(ns_dtype), [0.0]
     counter.reset()
     for step in range(steps):
@@ -318,9 +284,7 @@ def measure_reduction_time(rank: int, world_size: int) -> dict[str, list[float]]
     flat = torch.cat([flat, flat.new_zeros(-flat.numel() % WORLD)])
     times: dict[str, list[float]] = {"reduce_to_owners": [], "reduce_scatter_tensor": []}
     for round_ in range(TIMED_ROUNDS + 2):
-        sends: dict[int, list[Tensor]] = {}
-        for index, owner in enumerate(shards.owners):
-            sends.setdefault(owner, []).append(fulls[layout.matrices[index].param].reshape(-1))
+        sends = _sends(fulls, shards)
         dist.barrier()
         start = time.perf_counter()
         reduce_to_owners(sends)

@@ -135,21 +135,17 @@ def exchange_orthogonalize(
     return send_back(results, buffers, plan, group, reply_dtype)
 
 
-def reduce_to_owners(
-    sends: dict[int, list[Tensor]], group: dist.ProcessGroup | None = None, average: bool = True
-) -> Tensor | None:
-    """Sum every rank's ``sends[owner]`` (the same sizes on every rank) at ``owner`` (a rank of
-    ``group``): one coalesced ``dist.reduce`` per owner present in ``sends`` (per call: DeepSpeed's
-    glue calls it once per gradient bucket), in owner order on every rank. With
-    ``average``, each rank's share is divided by the group size first, as DeepSpeed's
-    reduce-scatter does. Returns the flat sum this rank owns (None if it owns nothing here)."""
+def reduce_to_owners(sends: dict[int, list[Tensor]], group: dist.ProcessGroup | None = None) -> Tensor | None:
+    """Average every rank's ``sends[owner]`` (the same sizes on every rank) at ``owner`` (a rank
+    of ``group``): one coalesced ``dist.reduce`` per owner present in ``sends`` (per call:
+    DeepSpeed's glue calls it once per gradient bucket), in owner order on every rank. Each rank's
+    share is divided by the group size first, as DeepSpeed's reduce-scatter does. Returns the
+    flat average this rank owns (None if it owns nothing here)."""
     world = dist.get_world_size(group=group)
     me = dist.get_rank(group=group)
     mine = None
     for owner in sorted(sends):
-        flat = torch.cat([t.reshape(-1) for t in sends[owner]])
-        if average:
-            flat.div_(world)
+        flat = torch.cat([t.reshape(-1) for t in sends[owner]]).div_(world)
         dist.reduce(flat, dst=dist.get_global_rank(group or dist.group.WORLD, owner), group=group)
         if owner == me:
             mine = flat

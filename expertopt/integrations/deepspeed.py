@@ -215,7 +215,7 @@ def _check_supported(config: dict[str, Any]) -> int:
         check_zero3_config(config["zero_optimization"])
     if stage in (1, 2) and config["zero_optimization"].get("compute_grad_norm", True) is False:
         raise ValueError(_NEEDS_GRAD_NORM)
-    if stage in (1, 2) and config["zero_optimization"].get("zenflow"):
+    if stage > 0 and config["zero_optimization"].get("zenflow"):
         raise ValueError(
             '"zero_optimization.zenflow" replaces the optimizer step and its clipping with its own, which '
             'expertopt\'s optimizers do not follow: remove "zenflow"'

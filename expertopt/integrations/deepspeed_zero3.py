@@ -79,11 +79,6 @@ def check_zero3_config(zero_config: dict[str, Any]) -> None:
             '"offload_optimizer.super_offload" steps its own CPU Adam in place of the client optimizer, '
             'so expertopt\'s optimizer would not run: remove "super_offload"'
         )
-    if zero_config.get("zenflow"):
-        raise ValueError(
-            '"zero_optimization.zenflow" replaces the optimizer step and its clipping with its own, which '
-            'expertopt\'s optimizers do not follow: remove "zenflow"'
-        )
     if zero_config.get("reduce_scatter") is False:
         raise ValueError(
             '"zero_optimization.reduce_scatter": false doubles the gradient bytes at ZeRO-3 and expertopt '

@@ -96,6 +96,8 @@ class GradientsToOwners:
     ) -> None:
         self.zero = zero
         self.units = {sub_group: unit for sub_group, (unit, _, _) in units.items()}
+        # Where the owned gradients live: the partitions' device (the CPU with offload_optimizer).
+        self.device = next(iter(self.units.values())).owned_gradient.device
         self.spans: dict[int, list[_Span]] = {}  # by ds_id
         self._zero_partition: Tensor | None = None
         for unit, params, options in units.values():
@@ -190,7 +192,7 @@ class GradientsToOwners:
         mine = reduce_to_owners(sends, group)
         if mine is None:
             return
-        mine = mine.to(next(iter(self.units.values())).owned_gradient.device)  # CPU with offload_optimizer
+        mine = mine.to(self.device)
         # DeepSpeed's own rule for its partitions (``__partition_grads``): the first micro-step
         # after a step or ``zero_grad`` overwrites, later ones accumulate.
         accumulate = self.zero.micro_step_id != 0
@@ -206,8 +208,7 @@ class GradientsToOwners:
 
     def _owned_norm(self) -> Tensor:
         """The 2-norm of every owned gradient of the world (each element has one owner), on every rank."""
-        device = next(iter(self.units.values())).owned_gradient.device
-        squares = torch.zeros((), dtype=torch.float32, device=device)
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
         by_group: dict[int, tuple[Any, Tensor]] = {}
         for unit in self.units.values():
             group, total = by_group.setdefault(id(unit.group), (unit.group, squares.clone()))
